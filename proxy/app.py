@@ -1,0 +1,498 @@
+"""The ASGI application: classify, validate, forward, rewrite, answer.
+
+A plain ASGI callable in front (no routing framework on the hot path): the route
+is decided from the raw path by ``routes.classify``, bad input is rejected before
+any upstream call, JSON answers are read whole (to rewrite ids and feed the cache),
+and content downloads and pass-through are streamed both ways.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import anyio
+import httpx
+
+from . import headers as hdr
+from .errors import ProxyError
+from .ids import IdRules, InvalidVideoId, VideoId, normalize_provider, parse_decoded, parse_segment
+from .rewrite import canonicalize_ids, dumps, parse_json_object
+from .routes import Kind, Route, classify
+from .settings import Settings
+from .upstream import Upstream, UpstreamCall
+
+log = logging.getLogger("proxy")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+JSON_TYPE = (b"content-type", b"application/json")
+_STRIP_FROM_REQUEST = frozenset(
+    {b"host", b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
+)
+_STRIP_FROM_ANSWER = frozenset({b"content-length", b"x-request-id"})
+# Upstream JSON answers are read whole; anything larger is refused with 502.
+MAX_JSON_ANSWER_BYTES = 256 * 1024 * 1024
+VARIANTS = ("video", "thumbnail", "spritesheet")
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Everything known about one request while it is handled (and for the log)."""
+
+    scope: Scope
+    receive: Receive
+    send: Send
+    method: str
+    raw_path: str
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    status: int = 0
+    route: str = "other"
+    cache: str = ""
+    provider: str = ""
+    upstream_ms: float | None = None
+    response_started: bool = False
+
+    def header(self, name: bytes) -> bytes | None:
+        return hdr.get(self.scope["headers"], name)
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.response_started = True
+        headers.append((b"x-request-id", self.request_id.encode()))
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self.start(status, headers)
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def error(self, exc: ProxyError) -> None:
+        headers = [JSON_TYPE] + [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+        await self.answer(exc.status, headers, exc.body())
+
+
+def _request_id(raw: bytes | None) -> str:
+    if raw and len(raw) <= 128 and all(0x21 <= b < 0x7F for b in raw):
+        return raw.decode()
+    return secrets.token_hex(16)
+
+
+class ProxyApp:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.rules: IdRules = settings.id_rules()
+        self._transport = transport
+        self.upstream: Upstream | None = None
+        self.draining = False
+        self._ready_cache: tuple[float, bool] = (0.0, False)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[ProxyApp]:
+        """Open the upstream pool (and later the cache); close them on exit."""
+        self.upstream = Upstream(self.settings, self._transport)
+        try:
+            yield self
+        finally:
+            await self.upstream.aclose()
+
+    def _watch_sigterm(self) -> None:
+        """Flag draining on SIGTERM, then let the server's own handler run."""
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_term(signum: int, frame: Any) -> None:
+            self.draining = True
+            if callable(previous):
+                previous(signum, frame)
+
+        try:
+            signal.signal(signal.SIGTERM, on_term)
+        except ValueError:  # not the main thread (e.g. a test server in a thread)
+            pass
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        message = await receive()
+        assert message["type"] == "lifespan.startup"
+        try:
+            async with self.running():
+                self._watch_sigterm()
+                await send({"type": "lifespan.startup.complete"})
+                message = await receive()
+                self.draining = True
+        except Exception as exc:  # startup failure must stop the server, loudly
+            log.error("startup failed: %s", exc)
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        await send({"type": "lifespan.shutdown.complete"})
+
+    # -- ASGI entry ------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        raw_path = scope.get("raw_path")
+        path = raw_path.decode("latin-1") if raw_path else scope["path"]
+        ex = Exchange(
+            scope, receive, send, scope["method"], path,
+            _request_id(hdr.get(scope["headers"], b"x-request-id")),
+        )  # fmt: skip
+        try:
+            route = classify(ex.method, path)
+            ex.route = route.template
+            await self.dispatch(route, ex)
+        except ProxyError as exc:
+            if not ex.response_started:
+                await ex.error(exc)
+        except Exception:
+            log.exception("unexpected error handling %s %s", ex.method, ex.route)
+            if not ex.response_started:
+                await ex.error(ProxyError(502, "proxy error while handling the request"))
+        finally:
+            self.observe(ex)
+
+    def observe(self, ex: Exchange) -> None:
+        """Access log line (and, later, metrics) for a finished request."""
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "access",
+                extra={
+                    "method": ex.method, "route": ex.route, "status": ex.status,
+                    "duration_ms": round((time.perf_counter() - ex.started) * 1000, 3),
+                    "cache": ex.cache, "upstream_ms": ex.upstream_ms,
+                    "request_id": ex.request_id, "provider": ex.provider,
+                },
+            )  # fmt: skip
+
+    async def dispatch(self, route: Route, ex: Exchange) -> None:
+        kind = route.kind
+        if kind is Kind.HEALTHZ:
+            await ex.answer(200, [JSON_TYPE], b'{"status":"ok"}')
+        elif kind is Kind.READYZ:
+            await self.readyz(ex)
+        elif kind is Kind.METRICS:
+            raise ProxyError(404, "metrics are not enabled")
+        elif kind in (Kind.ADMIN_PURGE_ALL, Kind.ADMIN_PURGE_ONE):
+            raise ProxyError(404, "no such route on this proxy")
+        elif kind is Kind.PASSTHROUGH:
+            await self.passthrough(ex)
+        elif kind is Kind.CONTENT:
+            await self.content(route, ex)
+        elif kind is Kind.LIST:
+            await self.list_videos(route, ex)
+        elif kind in (Kind.CREATE, Kind.REMIX):
+            await self.create_or_remix(route, ex)
+        else:  # RETRIEVE, DELETE
+            video = self.video_id(route)
+            ex.provider = video.provider
+            await self.json_call(
+                ex, f"{route.prefix}/{video.upstream_segment}", video.provider,
+                retry=kind is Kind.RETRIEVE,
+            )  # fmt: skip
+
+    # -- helpers ---------------------------------------------------------------------------
+    def video_id(self, route: Route) -> VideoId:
+        try:
+            return parse_segment(route.id_segment or "", self.rules)
+        except InvalidVideoId as exc:
+            raise ProxyError(400, str(exc), param="video_id") from None
+
+    def forward_headers(
+        self, ex: Exchange, *, drop: frozenset[bytes] = frozenset()
+    ) -> list[tuple[bytes, bytes]]:
+        scope = ex.scope
+        headers = hdr.strip_hop_by_hop(scope["headers"], also=_STRIP_FROM_REQUEST | drop)
+        client = scope.get("client")
+        prior = ex.header(b"x-forwarded-for")
+        if client:
+            ip = client[0].encode()
+            headers.append((b"x-forwarded-for", prior + b", " + ip if prior else ip))
+        elif prior:
+            headers.append((b"x-forwarded-for", prior))
+        headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
+        host = ex.header(b"host")
+        if host:
+            headers.append((b"x-forwarded-host", host))
+        headers.append((b"x-request-id", ex.request_id.encode()))
+        return headers
+
+    @staticmethod
+    def answer_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
+        return [
+            (k.lower(), v)
+            for k, v in hdr.strip_hop_by_hop(response.headers.raw, also=_STRIP_FROM_ANSWER)
+        ]
+
+    async def read_body(self, ex: Exchange) -> bytes:
+        """The whole request body, refusing with 413 past ``max_request_bytes``."""
+        limit = self.settings.max_request_bytes
+        declared = ex.header(b"content-length")
+        if declared is not None:
+            try:
+                if int(declared) > limit:
+                    raise self.too_large()
+            except ValueError:
+                raise ProxyError(400, "invalid Content-Length header") from None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await ex.receive()
+            if message["type"] == "http.disconnect":
+                raise ProxyError(400, "client disconnected before sending the whole body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise self.too_large()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def too_large(self) -> ProxyError:
+        return ProxyError(
+            413, f"request body is larger than max_request_bytes ({self.settings.max_request_bytes})"
+        )
+
+    async def stream_body(self, ex: Exchange, done: anyio.Event) -> AsyncIterator[bytes]:
+        """The request body as it arrives, for pass-through."""
+        limit = self.settings.max_request_bytes
+        size = 0
+        try:
+            while True:
+                message = await ex.receive()
+                if message["type"] == "http.disconnect":
+                    raise ProxyError(400, "client disconnected mid-body")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise self.too_large()
+                if chunk:
+                    yield chunk
+                if not message.get("more_body", False):
+                    return
+        finally:
+            done.set()
+
+    # -- JSON routes -----------------------------------------------------------------------
+    async def json_call(
+        self,
+        ex: Exchange,
+        path: str,
+        provider: str | None,
+        *,
+        query: bytes = b"",
+        body: bytes | None = None,
+        retry: bool = False,
+        drop: frozenset[bytes] = frozenset(),
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        assert self.upstream is not None
+        headers = self.forward_headers(ex, drop=drop | {b"accept-encoding"})
+        if extra:
+            headers.extend(extra)
+        call = UpstreamCall(ex.method, path, query, headers, body, retry_idempotent=retry)
+        started = time.perf_counter()
+        response, raw = await self.upstream.fetch(call, MAX_JSON_ANSWER_BYTES)
+        ex.upstream_ms = round((time.perf_counter() - started) * 1000, 3)
+        out_headers = self.answer_headers(response)
+        await ex.answer(response.status_code, out_headers, self.fix_answer(response, raw, provider))
+
+    def fix_answer(self, response: httpx.Response, raw: bytes, provider: str | None) -> bytes:
+        """Canonical ids in a JSON answer; the raw bytes when nothing changes."""
+        if response.headers.get("content-encoding", "identity") != "identity":
+            return raw  # the upstream ignored our identity request: leave it alone
+        if "json" not in response.headers.get("content-type", "json"):
+            return raw
+        doc = parse_json_object(raw)
+        if doc is None or not canonicalize_ids(doc, provider, self.rules):
+            return raw
+        return dumps(doc)
+
+    async def create_or_remix(self, route: Route, ex: Exchange) -> None:
+        body = await self.read_body(ex)
+        ctype = (ex.header(b"content-type") or b"").split(b";")[0].strip().lower()
+        provider: str | None = None
+        doc: dict[str, Any] | None = None
+        # Bifrost parses every non-multipart create/remix body as JSON, whatever its
+        # Content-Type says: so does the proxy, to reject bad bodies before the call.
+        if ctype != b"multipart/form-data":
+            doc = parse_json_object(body)
+            if doc is None:
+                raise ProxyError(400, "request body must be a valid JSON object")
+        if route.kind is Kind.REMIX:
+            video = self.video_id(route)
+            provider = video.provider
+            path = f"{route.prefix}/{video.upstream_segment}/remix"
+        else:
+            path = route.prefix
+            model = doc.get("model") if doc is not None else None
+            if isinstance(model, str) and "/" in model:
+                try:
+                    provider = normalize_provider(model.partition("/")[0], self.rules)
+                except InvalidVideoId as exc:
+                    raise ProxyError(400, f"model: {exc}", param="model") from None
+        ex.provider = provider or ""
+        await self.json_call(ex, path, provider, body=body)
+
+    async def list_videos(self, route: Route, ex: Exchange) -> None:
+        pairs = parse_qsl(ex.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        seen: dict[str, str] = {}
+        out: list[tuple[str, str]] = []
+        for key, value in pairs:
+            if key in seen:
+                raise ProxyError(400, f"query parameter {key!r} given more than once", param=key)
+            seen[key] = value
+            out.append((key, self.check_list_param(key, value)))
+        provider = seen.get("provider")
+        if route.family == "native" and provider is None:
+            fill = ex.header(b"x-bf-video-list-provider")
+            provider = fill.decode("latin-1") if fill else self.settings.list_default_provider
+            if provider:
+                provider = self.check_list_param("provider", provider)
+                out.append(("provider", provider))
+        elif route.family == "openai":
+            header = ex.header(b"x-bf-video-list-provider")
+            provider = self.check_list_param("provider", header.decode("latin-1") if header else "openai")
+        elif provider is not None:
+            provider = self.check_list_param("provider", provider)
+        ex.provider = provider or ""
+        await self.json_call(
+            ex, route.prefix, provider or None, query=urlencode(out).encode(), retry=True
+        )
+
+    def check_list_param(self, key: str, value: str) -> str:
+        """Validate one list query value; return it in the form sent upstream."""
+        if len(value) > self.settings.max_id_length * 2:
+            raise ProxyError(400, f"query parameter {key!r} is too long", param=key)
+        if key == "limit":
+            if not value.isdigit() or not 1 <= int(value) <= 100:
+                raise ProxyError(400, "limit must be an integer from 1 to 100", param="limit")
+            return str(int(value))
+        if key == "order":
+            if value not in ("asc", "desc"):
+                raise ProxyError(400, "order must be 'asc' or 'desc'", param="order")
+        elif key == "provider":
+            try:
+                return normalize_provider(value, self.rules)
+            except InvalidVideoId as exc:
+                raise ProxyError(400, f"provider: {exc}", param="provider") from None
+        elif key == "after":
+            try:
+                return parse_decoded(value, self.rules).canonical
+            except InvalidVideoId as exc:
+                raise ProxyError(400, f"after: {exc}", param="after") from None
+        return value
+
+    # -- streamed routes -------------------------------------------------------------------
+    async def content(self, route: Route, ex: Exchange) -> None:
+        video = self.video_id(route)
+        ex.provider = video.provider
+        query = ex.scope.get("query_string", b"")
+        pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+        for key, value in pairs:
+            if key == "variant" and value not in VARIANTS:
+                raise ProxyError(
+                    400, "variant must be one of video, thumbnail, spritesheet", param="variant"
+                )
+        path = f"{route.prefix}/{video.upstream_segment}/content"
+        call = UpstreamCall(
+            "GET", path, query, self.forward_headers(ex), retry_idempotent=True, streaming=True
+        )
+        await self.stream(ex, call, None)
+
+    async def passthrough(self, ex: Exchange) -> None:
+        declared = ex.header(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.settings.max_request_bytes:
+            raise self.too_large()
+        body_done = anyio.Event()
+        has_body = declared not in (None, b"0") or ex.header(b"transfer-encoding") is not None
+        content = self.stream_body(ex, body_done) if has_body else None
+        if content is None:
+            body_done.set()
+        call = UpstreamCall(
+            ex.method, ex.raw_path, ex.scope.get("query_string", b""),
+            self.forward_headers(ex), content, streaming=True,
+        )  # fmt: skip
+        await self.stream(ex, call, body_done)
+
+    async def stream(self, ex: Exchange, call: UpstreamCall, body_done: anyio.Event | None) -> None:
+        """Forward the upstream answer chunk by chunk, as raw (undecoded) bytes.
+
+        A watcher cancels the copy as soon as the client disconnects, so the
+        upstream connection is released at once instead of draining the download.
+        """
+        assert self.upstream is not None
+        started = time.perf_counter()
+        response = await self.upstream.open(call)
+        ex.upstream_ms = round((time.perf_counter() - started) * 1000, 3)
+        try:
+            headers = [
+                (k.lower(), v)
+                for k, v in hdr.strip_hop_by_hop(response.headers.raw, also={b"x-request-id"})
+            ]
+            async with anyio.create_task_group() as tg:
+
+                async def watch_disconnect() -> None:
+                    if body_done is not None:
+                        await body_done.wait()
+                    while True:
+                        message = await ex.receive()
+                        if message["type"] == "http.disconnect":
+                            tg.cancel_scope.cancel()
+                            return
+
+                tg.start_soon(watch_disconnect)
+                await ex.start(response.status_code, headers)
+                try:
+                    async for chunk in response.aiter_raw():
+                        await ex.send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except httpx.HTTPError as exc:
+                    # Headers are gone already: all we can do is cut the answer short
+                    # (returning without the final message makes the server close the
+                    # connection, so the client sees a truncated body, not a clean end).
+                    log.warning("upstream stream broke: %s", type(exc).__name__)
+                else:
+                    await ex.send({"type": "http.response.body", "body": b""})
+                tg.cancel_scope.cancel()
+        finally:
+            await response.aclose()
+
+    async def readyz(self, ex: Exchange) -> None:
+        if self.draining:
+            raise ProxyError(503, "draining: the proxy is shutting down")
+        now = time.monotonic()
+        checked, ok = self._ready_cache
+        if now - checked > 1.0:
+            ok = await self._upstream_reachable()
+            self._ready_cache = (now, ok)
+        if not ok:
+            raise ProxyError(503, "upstream unreachable")
+        await ex.answer(200, [JSON_TYPE], b'{"status":"ready"}')
+
+    async def _upstream_reachable(self) -> bool:
+        url = urlsplit(self.settings.upstream_url)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            with anyio.fail_after(1.0):
+                stream = await anyio.connect_tcp(url.hostname or "localhost", port)
+                await stream.aclose()
+        except (OSError, TimeoutError):
+            return False
+        return True

@@ -1,0 +1,137 @@
+"""Route classification from the raw request path (pure, no I/O).
+
+Routing works on the *raw* path so that ``%2F`` inside a video id is not a
+separator, while every literal segment (``v1``, ``videos``, ``content``…) is
+compared after decoding, so odd encodings such as ``vid%65os`` cannot slip a
+video route past validation as pass-through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from urllib.parse import unquote
+
+from .errors import ProxyError
+
+_MAX_DECODE_ROUNDS = 8
+
+
+class Kind(str, Enum):
+    CREATE = "create"
+    LIST = "list"
+    RETRIEVE = "retrieve"
+    DELETE = "delete"
+    REMIX = "remix"
+    CONTENT = "content"
+    PASSTHROUGH = "passthrough"
+    HEALTHZ = "healthz"
+    READYZ = "readyz"
+    METRICS = "metrics"
+    ADMIN_PURGE_ONE = "admin_purge_one"
+    ADMIN_PURGE_ALL = "admin_purge_all"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    kind: Kind
+    family: str  # "native", "openai" or "" (not a video route)
+    template: str  # metric label: a template, never a raw path
+    id_segment: str | None = None  # raw, still percent-encoded
+
+    @property
+    def prefix(self) -> str:
+        return "/openai/v1/videos" if self.family == "openai" else "/v1/videos"
+
+
+_VIDEO_SHAPES: dict[tuple[str, int, str | None], Kind] = {
+    ("POST", 0, None): Kind.CREATE,
+    ("GET", 0, None): Kind.LIST,
+    ("GET", 1, None): Kind.RETRIEVE,
+    ("DELETE", 1, None): Kind.DELETE,
+    ("POST", 2, "remix"): Kind.REMIX,
+    ("GET", 2, "content"): Kind.CONTENT,
+}
+_TEMPLATES = {
+    Kind.CREATE: "",
+    Kind.LIST: "",
+    Kind.RETRIEVE: "/{video_id}",
+    Kind.DELETE: "/{video_id}",
+    Kind.REMIX: "/{video_id}/remix",
+    Kind.CONTENT: "/{video_id}/content",
+}
+
+
+def fully_decode(path: str) -> str:
+    for _ in range(_MAX_DECODE_ROUNDS):
+        decoded = unquote(path)
+        if decoded == path:
+            return path
+        path = decoded
+    return path
+
+
+def not_found(message: str = "no such route on this proxy") -> ProxyError:
+    return ProxyError(404, message)
+
+
+def classify(method: str, raw_path: str) -> Route:
+    """Map a request to a route, or raise ProxyError (400/404/405)."""
+    if not raw_path.startswith("/"):
+        raise ProxyError(400, "request path must start with /")
+    decoded = fully_decode(raw_path)
+    if any(seg in (".", "..") for seg in decoded.split("/")):
+        raise ProxyError(400, "request path must not contain dot-segments")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+        raise ProxyError(400, "request path must not contain control characters")
+
+    raw_segments = raw_path.split("/")[1:]
+    segments = [unquote(s) for s in raw_segments]
+    if len(segments) == 1:
+        fixed = {"healthz": Kind.HEALTHZ, "readyz": Kind.READYZ, "metrics": Kind.METRICS}
+        kind = fixed.get(segments[0])
+        if kind is not None:
+            if method not in ("GET", "HEAD"):
+                raise ProxyError(405, f"{method} is not allowed on /{segments[0]}")
+            return Route(kind, "", "/" + segments[0])
+    if segments[:2] == ["admin", "cache"]:
+        if method != "DELETE":
+            raise ProxyError(405, "only DELETE is allowed on the admin cache routes")
+        if len(segments) == 2:
+            return Route(Kind.ADMIN_PURGE_ALL, "", "/admin/cache")
+        if len(segments) == 4 and segments[2] == "videos" and raw_segments[3]:
+            return Route(
+                Kind.ADMIN_PURGE_ONE, "", "/admin/cache/videos/{video_id}", raw_segments[3]
+            )
+        raise not_found()
+
+    if segments[:2] == ["v1", "videos"]:
+        family, rest = "native", 2
+    elif segments[:3] == ["openai", "v1", "videos"]:
+        family, rest = "openai", 3
+    elif segments and segments[0] in ("v1", "openai"):
+        # Anything that decodes to a video route but did not match one exactly is an
+        # odd encoding of it: never pass it through unvalidated.
+        if decoded.startswith(("/v1/videos", "/openai/v1/videos")):
+            raise not_found("malformed video route")
+        return Route(Kind.PASSTHROUGH, "", "passthrough")
+    else:
+        raise not_found()
+
+    tail = raw_segments[rest:]
+    count = len(tail)
+    if count > 2 or any(not s for s in tail):
+        raise not_found("no such video route")
+    action = segments[rest + 1] if count == 2 else None
+    kind_or_none = _VIDEO_SHAPES.get((method, count, action))
+    if kind_or_none is None:
+        if count == 2 and action not in ("remix", "content"):
+            raise not_found("no such video route")
+        raise ProxyError(405, f"{method} is not allowed on this video route")
+    base = "/openai/v1/videos" if family == "openai" else "/v1/videos"
+    return Route(
+        kind_or_none,
+        family,
+        base + _TEMPLATES[kind_or_none],
+        tail[0] if count else None,
+    )

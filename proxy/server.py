@@ -1,0 +1,112 @@
+"""Command line and process wiring: settings → logging → uvicorn (→ simulator)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import uvicorn
+
+from . import __version__, logs
+from .app import ProxyApp
+from .settings import HELP, Settings, SettingsError, load
+
+# CLI flag → setting name. Every flag is also settable as PROXY_<NAME>.
+FLAGS = {
+    "upstream": "upstream_url",
+    "host": "host",
+    "port": "port",
+    "workers": "workers",
+    "log_level": "log_level",
+    "log_format": "log_format",
+    "metrics_port": "metrics_port",
+}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bifrost-video-proxy",
+        description="A caching, validating proxy in front of Bifrost's video API.",
+    )
+    p.add_argument("--upstream", metavar="URL", help=HELP["upstream_url"])
+    p.add_argument("--host", metavar="H", help=HELP["host"])
+    p.add_argument("--port", metavar="P", help=HELP["port"])
+    p.add_argument("--workers", metavar="N", help=HELP["workers"])
+    p.add_argument("--config", metavar="FILE", help="TOML settings file (or PROXY_CONFIG).")
+    p.add_argument("--log-level", metavar="L", help=HELP["log_level"])
+    p.add_argument("--log-format", metavar="F", help=HELP["log_format"])
+    p.add_argument("--metrics-port", metavar="P", help=HELP["metrics_port"])
+    p.add_argument(
+        "--simulate",
+        action="store_true",
+        help="Start the built-in Bifrost simulator on a loopback port and use it as upstream.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p.parse_args(argv)
+
+
+def create_app() -> ProxyApp:
+    """uvicorn factory: each worker builds its app from the environment."""
+    settings = load()
+    logs.configure(settings.log_level, settings.log_format)
+    return ProxyApp(settings)
+
+
+def start_simulator() -> str:
+    """Run the simulator in a daemon thread on a free loopback port; return its URL."""
+    from .simulator import create_simulator
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(create_simulator(), log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    return f"http://127.0.0.1:{port}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides: dict[str, Any] = {
+        setting: getattr(args, flag) for flag, setting in FLAGS.items() if getattr(args, flag)
+    }
+    try:
+        settings: Settings = load(config_file=args.config, overrides=overrides)
+    except SettingsError as exc:
+        print(f"bifrost-video-proxy: invalid setting: {exc}", file=sys.stderr)
+        return 2
+    # Workers (separate processes) rebuild settings from the environment.
+    if args.config:
+        os.environ["PROXY_CONFIG"] = args.config
+    for name, value in overrides.items():
+        os.environ[f"PROXY_{name.upper()}"] = str(value)
+    logs.configure(settings.log_level, settings.log_format)
+    if args.simulate:
+        url = start_simulator()
+        os.environ["PROXY_UPSTREAM_URL"] = url
+        print(f"bifrost-video-proxy: simulator (Bifrost stand-in) on {url}", file=sys.stderr)
+    print(
+        f"bifrost-video-proxy {__version__}: listening on http://{settings.host}:{settings.port}",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        "proxy.server:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None,
+        server_header=False,
+        date_header=False,
+    )
+    return 0

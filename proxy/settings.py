@@ -1,0 +1,235 @@
+"""Settings: one table, layered defaults < config file < PROXY_* env < CLI flags.
+
+Every setting is declared once in ``SPECS`` (name, type, default, meaning); the
+TOML file ``config/default.toml`` and the README's settings table mirror it, and a
+test keeps them in sync.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .ids import DEFAULT_PROVIDERS, PROVIDER_RE, IdRules
+
+MiB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """An invalid setting; the message names it and the problem, on one line."""
+
+
+@dataclass(slots=True)
+class Settings:
+    upstream_url: str = "http://localhost:8080"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    log_level: str = "info"
+    log_format: str = "json"
+    upstream_timeout_seconds: float = 30.0
+    upstream_connect_timeout_seconds: float = 5.0
+    content_timeout_seconds: float = 60.0
+    upstream_max_connections: int = 512
+    max_request_bytes: int = 64 * MiB
+    max_id_length: int = 512
+    allowed_providers: list[str] = field(default_factory=lambda: sorted(DEFAULT_PROVIDERS))
+    provider_aliases: dict[str, str] = field(default_factory=dict)
+    list_default_provider: str = "openai"
+    shutdown_grace_seconds: float = 30.0
+    cache_backend: str = "memory"
+    redis_url: str = "redis://localhost:6379/0"
+    redis_timeout_seconds: float = 0.05
+    cache_key_secret: str = ""
+    poll_coalesce_seconds: float = 1.0
+    terminal_ttl_seconds: float = 3600.0
+    max_ttl_seconds: float = 7 * 24 * 3600.0
+    cache_max_bytes: int = 256 * MiB
+    cache_max_entry_bytes: int = 1 * MiB
+    admin_token: str = ""
+    metrics_port: int = 0
+
+    def id_rules(self) -> IdRules:
+        allowed = None if "*" in self.allowed_providers else frozenset(self.allowed_providers)
+        return IdRules(
+            max_length=self.max_id_length,
+            allowed_providers=allowed,
+            provider_aliases=dict(self.provider_aliases),
+        )
+
+    def effective_cache_key_secret(self) -> bytes:
+        """The HMAC key for tenant fingerprints; random per process if unset."""
+        if self.cache_key_secret:
+            return self.cache_key_secret.encode()
+        return _PROCESS_SECRET
+
+
+_PROCESS_SECRET = secrets.token_bytes(32)
+
+# Meanings, for --help, the README table and the TOML comments.
+HELP: dict[str, str] = {
+    "upstream_url": "Base URL of Bifrost (scheme, host, port, optional path prefix).",
+    "host": "Interface to listen on (the Docker image uses 0.0.0.0).",
+    "port": "Port to listen on.",
+    "workers": "Worker processes (uvicorn). Metrics are summed over workers.",
+    "log_level": "debug, info, warning, error or critical.",
+    "log_format": "Access log format: json (one object per line) or text.",
+    "upstream_timeout_seconds": "Total time allowed for an upstream JSON call; then 504.",
+    "upstream_connect_timeout_seconds": "Time allowed to connect to the upstream; then 502.",
+    "content_timeout_seconds": "Longest idle gap while streaming a content download.",
+    "upstream_max_connections": "Connection pool size towards the upstream.",
+    "max_request_bytes": "Largest request body accepted; larger ones get 413.",
+    "max_id_length": "Longest video id accepted (raw path segment), else 400.",
+    "allowed_providers": 'Providers accepted in ids and list queries; ["*"] allows any.',
+    "provider_aliases": 'Provider renames applied before validation, e.g. {google = "gemini"}.',
+    "list_default_provider": "Provider filled into a native list without one; empty: off.",
+    "shutdown_grace_seconds": "On SIGTERM, how long in-flight requests may finish.",
+    "cache_backend": "memory (per process) or redis (shared by workers and replicas).",
+    "redis_url": "Redis URL for the redis backend.",
+    "redis_timeout_seconds": "Per-operation Redis timeout; on expiry the cache is skipped.",
+    "cache_key_secret": "HMAC key for tenant fingerprints; required with redis.",
+    "poll_coalesce_seconds": "Answer polls of running jobs from an answer this young; 0: off.",
+    "terminal_ttl_seconds": "TTL of terminal answers that carry no expires_at.",
+    "max_ttl_seconds": "Upper bound of every cache TTL.",
+    "cache_max_bytes": "Memory backend: total bytes of cached bodies (LRU beyond).",
+    "cache_max_entry_bytes": "Largest answer that is cached; larger ones pass unstored.",
+    "admin_token": "Bearer token enabling DELETE /admin/cache…; empty: disabled.",
+    "metrics_port": "Also serve /metrics on this port (0: only on the main port).",
+}
+
+_CHOICES = {
+    "log_level": {"debug", "info", "warning", "error", "critical"},
+    "log_format": {"json", "text"},
+    "cache_backend": {"memory", "redis"},
+}
+
+
+def _coerce(name: str, kind: Any, value: Any) -> Any:
+    """Convert a TOML/env/CLI value to the field's type, or raise SettingsError."""
+    try:
+        if kind == "int" or kind is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind == "float" or kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind == "str" or kind is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if str(kind).startswith("list"):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError
+            return list(value)
+        if str(kind).startswith("dict"):
+            if isinstance(value, str):
+                pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+                if any(len(p) != 2 for p in pairs):
+                    raise ValueError
+                value = {k.strip(): v.strip() for k, v in pairs}
+            if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+            ):
+                raise ValueError
+            return dict(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name}: expected {kind}, got {value!r}") from None
+    raise SettingsError(f"{name}: unsupported type {kind}")  # pragma: no cover
+
+
+def _field_types() -> dict[str, Any]:
+    return {f.name: f.type for f in fields(Settings)}
+
+
+def load(
+    config_file: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build validated settings from the layers, highest precedence last."""
+    env = os.environ if env is None else env
+    types = _field_types()
+    settings = Settings()
+    path = config_file or env.get("PROXY_CONFIG")
+    if path:
+        try:
+            table = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise SettingsError(f"config: cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config: {path} is not valid TOML: {exc}") from None
+        for name, value in table.items():
+            if name not in types:
+                raise SettingsError(f"{name}: unknown setting in {path}")
+            setattr(settings, name, _coerce(name, types[name], value))
+    for name, kind in types.items():
+        raw = env.get(f"PROXY_{name.upper()}")
+        if raw is not None:
+            setattr(settings, name, _coerce(f"PROXY_{name.upper()}", kind, raw))
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            setattr(settings, name, _coerce(name, types[name], value))
+    validate(settings)
+    return settings
+
+
+def validate(s: Settings) -> None:
+    """Raise SettingsError naming the first invalid setting."""
+    url = urlsplit(s.upstream_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise SettingsError(f"upstream_url: must be an http(s) URL, got {s.upstream_url!r}")
+    try:
+        url.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise SettingsError("upstream_url: invalid port") from None
+    if not 0 < s.port < 65536:
+        raise SettingsError(f"port: must be 1..65535, got {s.port}")
+    if not 0 <= s.metrics_port < 65536 or (s.metrics_port and s.metrics_port == s.port):
+        raise SettingsError(f"metrics_port: must be 0 or a port other than port, got {s.metrics_port}")
+    if s.workers < 1:
+        raise SettingsError(f"workers: must be >= 1, got {s.workers}")
+    for name, choices in _CHOICES.items():
+        value = getattr(s, name)
+        if value not in choices:
+            raise SettingsError(f"{name}: must be one of {sorted(choices)}, got {value!r}")
+    positive = (
+        "upstream_timeout_seconds", "upstream_connect_timeout_seconds",
+        "content_timeout_seconds", "redis_timeout_seconds", "max_ttl_seconds",
+        "max_request_bytes", "max_id_length", "cache_max_bytes",
+        "cache_max_entry_bytes", "upstream_max_connections",
+    )  # fmt: skip
+    for name in positive:
+        if getattr(s, name) <= 0:
+            raise SettingsError(f"{name}: must be > 0, got {getattr(s, name)}")
+    for name in ("poll_coalesce_seconds", "terminal_ttl_seconds", "shutdown_grace_seconds"):
+        if getattr(s, name) < 0:
+            raise SettingsError(f"{name}: must be >= 0, got {getattr(s, name)}")
+    if not s.allowed_providers:
+        raise SettingsError('allowed_providers: must not be empty (use ["*"] for any)')
+    for p in s.allowed_providers:
+        if p != "*" and not PROVIDER_RE.fullmatch(p):
+            raise SettingsError(f"allowed_providers: {p!r} is not a valid provider name")
+    for alias, target in s.provider_aliases.items():
+        if not PROVIDER_RE.fullmatch(alias.lower()) or not PROVIDER_RE.fullmatch(target):
+            raise SettingsError(f"provider_aliases: {alias!r} = {target!r} is not valid")
+    if s.list_default_provider and not PROVIDER_RE.fullmatch(s.list_default_provider):
+        raise SettingsError(f"list_default_provider: {s.list_default_provider!r} is not valid")
+    if s.cache_backend == "redis":
+        if not s.cache_key_secret:
+            raise SettingsError(
+                "cache_key_secret: required with cache_backend = redis, so replicas agree"
+            )
+        if urlsplit(s.redis_url).scheme not in ("redis", "rediss", "unix"):
+            raise SettingsError("redis_url: must be a redis://, rediss:// or unix:// URL")
