@@ -8,6 +8,7 @@ and content downloads and pass-through are streamed both ways.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import signal
@@ -41,6 +42,7 @@ _STRIP_FROM_REQUEST = frozenset(
     {b"host", b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
 )
 _STRIP_FROM_ANSWER = frozenset({b"content-length", b"x-request-id"})
+_STRIP_FROM_STREAM = frozenset({b"x-request-id"})
 # Upstream JSON answers are read whole; anything larger is refused with 502.
 MAX_JSON_ANSWER_BYTES = 256 * 1024 * 1024
 VARIANTS = ("video", "thumbnail", "spritesheet")
@@ -122,10 +124,9 @@ class ProxyApp:
             if callable(previous):
                 previous(signum, frame)
 
-        try:
+        # Only the main thread may set handlers (a test server in a thread may not).
+        with contextlib.suppress(ValueError):
             signal.signal(signal.SIGTERM, on_term)
-        except ValueError:  # not the main thread (e.g. a test server in a thread)
-            pass
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         message = await receive()
@@ -267,7 +268,8 @@ class ProxyApp:
 
     def too_large(self) -> ProxyError:
         return ProxyError(
-            413, f"request body is larger than max_request_bytes ({self.settings.max_request_bytes})"
+            413,
+            f"request body is larger than max_request_bytes ({self.settings.max_request_bytes})",
         )
 
     async def stream_body(self, ex: Exchange, done: anyio.Event) -> AsyncIterator[bytes]:
@@ -352,7 +354,9 @@ class ProxyApp:
         await self.json_call(ex, path, provider, body=body)
 
     async def list_videos(self, route: Route, ex: Exchange) -> None:
-        pairs = parse_qsl(ex.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        pairs = parse_qsl(
+            ex.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
+        )
         seen: dict[str, str] = {}
         out: list[tuple[str, str]] = []
         for key, value in pairs:
@@ -369,7 +373,9 @@ class ProxyApp:
                 out.append(("provider", provider))
         elif route.family == "openai":
             header = ex.header(b"x-bf-video-list-provider")
-            provider = self.check_list_param("provider", header.decode("latin-1") if header else "openai")
+            provider = self.check_list_param(
+                "provider", header.decode("latin-1") if header else "openai"
+            )
         elif provider is not None:
             provider = self.check_list_param("provider", provider)
         ex.provider = provider or ""
@@ -419,7 +425,11 @@ class ProxyApp:
 
     async def passthrough(self, ex: Exchange) -> None:
         declared = ex.header(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.settings.max_request_bytes:
+        if (
+            declared is not None
+            and declared.isdigit()
+            and int(declared) > self.settings.max_request_bytes
+        ):
             raise self.too_large()
         body_done = anyio.Event()
         has_body = declared not in (None, b"0") or ex.header(b"transfer-encoding") is not None
@@ -445,7 +455,7 @@ class ProxyApp:
         try:
             headers = [
                 (k.lower(), v)
-                for k, v in hdr.strip_hop_by_hop(response.headers.raw, also={b"x-request-id"})
+                for k, v in hdr.strip_hop_by_hop(response.headers.raw, also=_STRIP_FROM_STREAM)
             ]
             async with anyio.create_task_group() as tg:
 
@@ -462,7 +472,9 @@ class ProxyApp:
                 await ex.start(response.status_code, headers)
                 try:
                     async for chunk in response.aiter_raw():
-                        await ex.send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        await ex.send(
+                            {"type": "http.response.body", "body": chunk, "more_body": True}
+                        )
                 except httpx.HTTPError as exc:
                     # Headers are gone already: all we can do is cut the answer short
                     # (returning without the final message makes the server close the

@@ -98,9 +98,7 @@ def normalize_provider(raw: str, rules: IdRules) -> str:
     if rules.provider_aliases:
         provider = rules.provider_aliases.get(provider, provider)
     if not PROVIDER_RE.fullmatch(provider):
-        raise InvalidVideoId(
-            "invalid provider in video_id: must match [a-z0-9][a-z0-9_.-]*"
-        )
+        raise InvalidVideoId("invalid provider in video_id: must match [a-z0-9][a-z0-9_.-]*")
     if rules.allowed_providers is not None and provider not in rules.allowed_providers:
         raise InvalidVideoId(f"provider {provider!r} is not allowed by this proxy")
     return provider

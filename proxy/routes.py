@@ -9,7 +9,7 @@ video route past validation as pass-through.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from urllib.parse import unquote
 
 from .errors import ProxyError
@@ -17,7 +17,7 @@ from .errors import ProxyError
 _MAX_DECODE_ROUNDS = 8
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     CREATE = "create"
     LIST = "list"
     RETRIEVE = "retrieve"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import threading
@@ -67,7 +68,6 @@ def start_simulator() -> str:
     port = sock.getsockname()[1]
     config = uvicorn.Config(create_simulator(), log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     return f"http://127.0.0.1:{port}"
@@ -97,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"bifrost-video-proxy {__version__}: listening on http://{settings.host}:{settings.port}",
         file=sys.stderr,
     )
+    # uvicorn drains on SIGTERM, then re-raises the signal once the original handler
+    # is back: make that handler a no-op so a graceful stop exits 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(
         "proxy.server:create_app",
         factory=True,
@@ -107,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None,
         server_header=False,
+        proxy_headers=False,  # the app appends the real peer to X-Forwarded-For itself
         date_header=False,
     )
     return 0

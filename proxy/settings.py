@@ -197,7 +197,9 @@ def validate(s: Settings) -> None:
     if not 0 < s.port < 65536:
         raise SettingsError(f"port: must be 1..65535, got {s.port}")
     if not 0 <= s.metrics_port < 65536 or (s.metrics_port and s.metrics_port == s.port):
-        raise SettingsError(f"metrics_port: must be 0 or a port other than port, got {s.metrics_port}")
+        raise SettingsError(
+            f"metrics_port: must be 0 or a port other than port, got {s.metrics_port}"
+        )
     if s.workers < 1:
         raise SettingsError(f"workers: must be >= 1, got {s.workers}")
     for name, choices in _CHOICES.items():

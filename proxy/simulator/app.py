@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote
 
+import anyio
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -62,12 +63,40 @@ class Job:
 
 
 @dataclass
+class Recorded:
+    """One request as the simulator received it (for tests)."""
+
+    method: str
+    raw_path: str
+    query: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k == name), None)
+
+
+@dataclass
 class SimState:
     config: SimulatorConfig
     jobs: dict[tuple[str, str], Job] = field(default_factory=dict)
     order: list[tuple[str, str]] = field(default_factory=list)
     calls: Counter[str] = field(default_factory=Counter)
     paths: list[str] = field(default_factory=list)
+    requests: list[Recorded] = field(default_factory=list)
+    # Faults for the next requests, applied in order: {"delay": s} sleeps first;
+    # {"status": n, "body": b"…", "headers": {…}} answers that instead.
+    faults: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.paths.clear()
+        self.requests.clear()
+        self.faults.clear()
 
 
 def _error(status: int, message: str, etype: str = "invalid_request_error") -> Response:
@@ -183,6 +212,20 @@ class Simulator:
             return self.admin(raw_path)
         st.calls[request.method] += 1
         st.paths.append(raw_path)
+        body = await request.body()
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]]
+        st.requests.append(
+            Recorded(request.method, raw_path, request.url.query, headers, body[: 1 << 20])
+        )
+        del st.requests[:-500]
+        if st.faults:
+            fault = st.faults.pop(0)
+            if fault.get("delay"):
+                await anyio.sleep(fault["delay"])
+            if "status" in fault:
+                return Response(
+                    fault.get("body", b""), fault["status"], headers=fault.get("headers")
+                )
         if raw_path.startswith("/openai/v1/videos"):
             family, rest = "openai", raw_path[len("/openai/v1/videos") :]
         elif raw_path.startswith("/v1/videos"):
@@ -215,8 +258,7 @@ class Simulator:
 
     def admin(self, raw_path: str) -> Response:
         if raw_path == "/_sim/reset":
-            self.state.calls.clear()
-            self.state.paths.clear()
+            self.state.reset()
         return _json(
             {"calls": dict(self.state.calls), "total": sum(self.state.calls.values()),
              "paths": self.state.paths[-200:], "jobs": len(self.state.jobs)}
@@ -255,10 +297,8 @@ class Simulator:
                     fields[k] = v
                 else:
                     data = await v.read()
-                    fields[k] = "data:%s;base64,%s" % (
-                        v.content_type or "application/octet-stream",
-                        base64.b64encode(data).decode(),
-                    )
+                    ctype = v.content_type or "application/octet-stream"
+                    fields[k] = f"data:{ctype};base64,{base64.b64encode(data).decode()}"
         else:
             try:
                 fields = orjson.loads(await request.body())

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from proxy.app import ProxyApp
+from proxy.settings import Settings, load
+from proxy.simulator.app import Simulator, SimulatorConfig, create_simulator
+from tests.servers import ProxyProcess, run_proxy, serve_in_thread
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class Upstream:
+    url: str
+    sim: Simulator
+    clock: FakeClock
+
+    @property
+    def calls(self) -> int:
+        return self.sim.state.total
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def upstream(clock: FakeClock) -> Iterator[Upstream]:
+    """The simulator on a real loopback port, with a test-controlled clock."""
+    app = create_simulator(SimulatorConfig(queued_seconds=10, in_progress_seconds=20, clock=clock))
+    with serve_in_thread(app, lifespan="off") as server:
+        yield Upstream(server.url, app.state.simulator, clock)
+
+
+@pytest.fixture
+def proxy_process(upstream: Upstream, tmp_path: Any) -> Iterator[ProxyProcess]:
+    """The real console script in front of the simulator."""
+    with run_proxy(upstream.url, tmp_path=tmp_path) as proc:
+        yield proc
+
+
+def make_settings(upstream_url: str, **overrides: Any) -> Settings:
+    return load(env={}, overrides={"upstream_url": upstream_url, **overrides})
+
+
+@pytest.fixture
+def make_proxy(upstream: Upstream) -> Iterator[Any]:
+    """Start an in-thread proxy (uvicorn, real socket) with given settings."""
+    stack: list[Any] = []
+
+    def start(**overrides: Any) -> str:
+        app = ProxyApp(make_settings(overrides.pop("upstream_url", upstream.url), **overrides))
+        cm = serve_in_thread(app)
+        server = cm.__enter__()
+        stack.append(cm)
+        return server.url
+
+    yield start
+    for cm in reversed(stack):
+        cm.__exit__(None, None, None)
+
+
+@pytest.fixture
+def proxy(make_proxy: Any) -> str:
+    return str(make_proxy())

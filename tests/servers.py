@@ -1,0 +1,114 @@
+"""Real servers on loopback ports for the tests: uvicorn threads and subprocesses."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import uvicorn
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    """Poll until predicate() is true; the tests' only way of waiting."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what or predicate}")
+
+
+@dataclass
+class ThreadServer:
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any, *, lifespan: str = "on") -> Iterator[ThreadServer]:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        lifespan=lifespan,
+        timeout_graceful_shutdown=1,
+        proxy_headers=False,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, what="server start")
+    try:
+        yield ThreadServer(f"http://127.0.0.1:{port}", server, thread)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@dataclass
+class ProxyProcess:
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: str
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+
+@contextlib.contextmanager
+def run_proxy(
+    upstream: str, *extra: str, env: dict[str, str] | None = None, tmp_path: Any = None
+) -> Iterator[ProxyProcess]:
+    """The real console script, on a free port, until the block ends."""
+    port = free_port()
+    log_path = os.path.join(str(tmp_path or "/tmp"), f"proxy-{port}.log")
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
+    full_env.update(env or {})
+    exe = os.path.join(os.path.dirname(sys.executable), "bifrost-video-proxy")
+    cmd = [exe, "--upstream", upstream, "--port", str(port), *extra]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if process.poll() is not None:
+            with open(log_path) as f:
+                raise AssertionError(f"proxy exited early:\n{f.read()}")
+        try:
+            return httpx.get(url + "/healthz", timeout=0.5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(up, timeout=20, what="proxy start")
+        yield ProxyProcess(url, port, process, log_path)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
