@@ -9,6 +9,7 @@ and content downloads and pass-through are streamed both ways.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import secrets
 import signal
@@ -23,8 +24,20 @@ import anyio
 import httpx
 
 from . import headers as hdr
+from .cache import CacheStore, Entry, create_store
+from .coalesce import SingleFlight
 from .errors import ProxyError
 from .ids import IdRules, InvalidVideoId, VideoId, normalize_provider, parse_decoded, parse_segment
+from .policy import (
+    CacheLimits,
+    EntryKind,
+    RequestDirectives,
+    cache_key,
+    decide,
+    request_directives,
+    servable,
+    tenant_fingerprint,
+)
 from .rewrite import canonicalize_ids, dumps, parse_json_object
 from .routes import Kind, Route, classify
 from .settings import Settings
@@ -82,7 +95,19 @@ class Exchange:
 
     async def error(self, exc: ProxyError) -> None:
         headers = [JSON_TYPE] + [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+        if self.cache:
+            headers.append((b"x-cache-status", self.cache.encode()))
         await self.answer(exc.status, headers, exc.body())
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An answer to relay: from the upstream just now, or from a cache entry."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]  # without Content-Length and X-Request-ID
+    body: bytes
+    entry: Entry | None = None  # set when served from the cache
 
 
 def _request_id(raw: bytes | None) -> str:
@@ -97,11 +122,22 @@ class ProxyApp:
         settings: Settings,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.rules: IdRules = settings.id_rules()
+        self.clock = clock
         self._transport = transport
         self.upstream: Upstream | None = None
+        self.cache: CacheStore | None = None
+        self.flights: SingleFlight[Reply] = SingleFlight()
+        self.secret = settings.effective_cache_key_secret()
+        self.limits = CacheLimits(
+            terminal_ttl_seconds=settings.terminal_ttl_seconds,
+            max_ttl_seconds=settings.max_ttl_seconds,
+            poll_coalesce_seconds=settings.poll_coalesce_seconds,
+            max_entry_bytes=settings.cache_max_entry_bytes,
+        )
         self.draining = False
         self._ready_cache: tuple[float, bool] = (0.0, False)
 
@@ -110,10 +146,15 @@ class ProxyApp:
     async def running(self) -> AsyncIterator[ProxyApp]:
         """Open the upstream pool (and later the cache); close them on exit."""
         self.upstream = Upstream(self.settings, self._transport)
+        self.cache = create_store(self.settings, self.clock, self.on_cache_error)
         try:
             yield self
         finally:
             await self.upstream.aclose()
+            await self.cache.aclose()
+
+    def on_cache_error(self, op: str) -> None:
+        """A cache backend operation failed (hook for metrics)."""
 
     def _watch_sigterm(self) -> None:
         """Flag draining on SIGTERM, then let the server's own handler run."""
@@ -192,7 +233,7 @@ class ProxyApp:
         elif kind is Kind.METRICS:
             raise ProxyError(404, "metrics are not enabled")
         elif kind in (Kind.ADMIN_PURGE_ALL, Kind.ADMIN_PURGE_ONE):
-            raise ProxyError(404, "no such route on this proxy")
+            await self.admin_purge(route, ex)
         elif kind is Kind.PASSTHROUGH:
             await self.passthrough(ex)
         elif kind is Kind.CONTENT:
@@ -201,13 +242,19 @@ class ProxyApp:
             await self.list_videos(route, ex)
         elif kind in (Kind.CREATE, Kind.REMIX):
             await self.create_or_remix(route, ex)
-        else:  # RETRIEVE, DELETE
+        elif kind is Kind.RETRIEVE:
+            await self.retrieve(route, ex)
+        else:  # DELETE
             video = self.video_id(route)
             ex.provider = video.provider
-            await self.json_call(
-                ex, f"{route.prefix}/{video.upstream_segment}", video.provider,
-                retry=kind is Kind.RETRIEVE,
-            )  # fmt: skip
+            reply, _ = await self.call_json(
+                ex, f"{route.prefix}/{video.upstream_segment}", video.provider
+            )
+            if 200 <= reply.status < 300:
+                # Before answering, so the client's next poll cannot hit a stale entry.
+                assert self.cache is not None
+                await self.cache.delete_video(video.canonical)
+            await self.send_reply(ex, reply)
 
     # -- helpers ---------------------------------------------------------------------------
     def video_id(self, route: Route) -> VideoId:
@@ -293,6 +340,27 @@ class ProxyApp:
             done.set()
 
     # -- JSON routes -----------------------------------------------------------------------
+    async def call_json(
+        self,
+        ex: Exchange,
+        path: str,
+        provider: str | None,
+        *,
+        query: bytes = b"",
+        body: bytes | None = None,
+        retry: bool = False,
+    ) -> tuple[Reply, dict[str, Any] | None]:
+        """One upstream JSON call; the answer with canonical ids, and its parsed body."""
+        assert self.upstream is not None
+        # No Accept-Encoding: JSON answers come back plain, ready to parse and cache.
+        headers = self.forward_headers(ex, drop=frozenset({b"accept-encoding"}))
+        call = UpstreamCall(ex.method, path, query, headers, body, retry_idempotent=retry)
+        started = time.perf_counter()
+        response, raw = await self.upstream.fetch(call, MAX_JSON_ANSWER_BYTES)
+        ex.upstream_ms = round((time.perf_counter() - started) * 1000, 3)
+        out, doc = self.fix_answer(response, raw, provider)
+        return Reply(response.status_code, self.answer_headers(response), out), doc
+
     async def json_call(
         self,
         ex: Exchange,
@@ -302,30 +370,127 @@ class ProxyApp:
         query: bytes = b"",
         body: bytes | None = None,
         retry: bool = False,
-        drop: frozenset[bytes] = frozenset(),
-        extra: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
-        assert self.upstream is not None
-        headers = self.forward_headers(ex, drop=drop | {b"accept-encoding"})
-        if extra:
-            headers.extend(extra)
-        call = UpstreamCall(ex.method, path, query, headers, body, retry_idempotent=retry)
-        started = time.perf_counter()
-        response, raw = await self.upstream.fetch(call, MAX_JSON_ANSWER_BYTES)
-        ex.upstream_ms = round((time.perf_counter() - started) * 1000, 3)
-        out_headers = self.answer_headers(response)
-        await ex.answer(response.status_code, out_headers, self.fix_answer(response, raw, provider))
+        reply, _ = await self.call_json(ex, path, provider, query=query, body=body, retry=retry)
+        await self.send_reply(ex, reply)
 
-    def fix_answer(self, response: httpx.Response, raw: bytes, provider: str | None) -> bytes:
+    async def send_reply(self, ex: Exchange, reply: Reply) -> None:
+        headers = list(reply.headers)
+        if ex.cache:
+            headers.append((b"x-cache-status", ex.cache.encode()))
+        if reply.entry is not None:
+            age = max(0, int(self.clock() - reply.entry.stored_at))
+            headers.append((b"age", str(age).encode()))
+        await ex.answer(reply.status, headers, reply.body)
+
+    def fix_answer(
+        self, response: httpx.Response, raw: bytes, provider: str | None
+    ) -> tuple[bytes, dict[str, Any] | None]:
         """Canonical ids in a JSON answer; the raw bytes when nothing changes."""
         if response.headers.get("content-encoding", "identity") != "identity":
-            return raw  # the upstream ignored our identity request: leave it alone
+            return raw, None  # the upstream ignored our identity request: leave it alone
         if "json" not in response.headers.get("content-type", "json"):
-            return raw
+            return raw, None
         doc = parse_json_object(raw)
         if doc is None or not canonicalize_ids(doc, provider, self.rules):
-            return raw
-        return dumps(doc)
+            return raw, doc
+        return dumps(doc), doc
+
+    # -- retrieve and the cache --------------------------------------------------------------
+    async def retrieve(self, route: Route, ex: Exchange) -> None:
+        assert self.cache is not None
+        video = self.video_id(route)
+        ex.provider = video.provider
+        directives = request_directives(ex.header(b"cache-control"))
+        key = cache_key(
+            route.family, video.canonical, tenant_fingerprint(ex.scope["headers"], self.secret)
+        )
+        if not directives.bypass:
+            entry = await self.cache.get(key)
+            if entry is not None and servable(entry.deadline, self.clock()):
+                ex.cache = "HIT" if entry.kind is EntryKind.TERMINAL else "COALESCED"
+                await self.send_reply(ex, Reply(entry.status, entry.headers, entry.body, entry))
+                return
+        path = f"{route.prefix}/{video.upstream_segment}"
+        if directives.bypass:
+            ex.cache = "BYPASS"
+            reply = await self.fetch_retrieve(ex, path, key, video, directives)
+        else:
+            reply, joined = await self.flights.run(
+                key, lambda: self.fetch_retrieve(ex, path, key, video, directives, shared=True)
+            )
+            if reply.entry is not None:  # another replica fetched it meanwhile
+                ex.cache = "HIT" if reply.entry.kind is EntryKind.TERMINAL else "COALESCED"
+            else:
+                ex.cache = "COALESCED" if joined else "MISS"
+        await self.send_reply(ex, reply)
+
+    async def fetch_retrieve(
+        self,
+        ex: Exchange,
+        path: str,
+        key: str,
+        video: VideoId,
+        directives: RequestDirectives,
+        *,
+        shared: bool = False,
+    ) -> Reply:
+        """Call upstream for a retrieve and store what the rules allow."""
+        assert self.cache is not None
+        wait = min(self.settings.upstream_timeout_seconds, 10.0)
+        if shared and not await self.cache.lock(key, wait):
+            # Another replica is fetching this very answer: wait for its entry.
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                await anyio.sleep(0.01)
+                entry = await self.cache.get(key)
+                if entry is not None and servable(entry.deadline, self.clock()):
+                    return Reply(entry.status, entry.headers, entry.body, entry)
+        try:
+            reply, doc = await self.call_json(ex, path, video.provider, retry=True)
+            now = self.clock()
+            decision = decide(reply.status, doc, len(reply.body), now, self.limits, directives)
+            if decision is not None and doc is not None:
+                body = reply.body
+                if decision.kind is EntryKind.TERMINAL:
+                    body = self.hit_body(doc)
+                entry = Entry(
+                    video.canonical, decision.kind, reply.status, reply.headers, body, now,
+                    decision.deadline,
+                )  # fmt: skip
+                await self.cache.put(key, entry)
+            return reply
+        finally:
+            if shared:
+                await self.cache.unlock(key)
+
+    @staticmethod
+    def hit_body(doc: dict[str, Any]) -> bytes:
+        """The answer as a HIT sends it: Bifrost's own cache-debug shape added."""
+        extra = doc.get("extra_fields")
+        extra = dict(extra) if isinstance(extra, dict) else {}
+        extra["cache_debug"] = {
+            "cache_hit": True,
+            "hit_type": "direct",
+            "cache_id": secrets.token_hex(12),
+        }
+        return dumps({**doc, "extra_fields": extra})
+
+    async def admin_purge(self, route: Route, ex: Exchange) -> None:
+        token = self.settings.admin_token
+        if not token:
+            raise ProxyError(404, "no such route on this proxy")
+        given = ex.header(b"authorization") or b""
+        expected = b"Bearer " + token.encode()
+        if not hmac.compare_digest(given, expected):
+            raise ProxyError(401, "admin token required: Authorization: Bearer <admin_token>")
+        assert self.cache is not None
+        if route.kind is Kind.ADMIN_PURGE_ONE:
+            video = self.video_id(route)
+            purged = await self.cache.delete_video(video.canonical)
+        else:
+            purged = await self.cache.clear()
+        await ex.answer(200, [JSON_TYPE], dumps({"purged": purged}))
 
     async def create_or_remix(self, route: Route, ex: Exchange) -> None:
         body = await self.read_body(ex)

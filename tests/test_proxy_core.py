@@ -53,12 +53,26 @@ def test_job_lifecycle_through_console_script(
     job = create(base)
     assert job["status"] == "queued" and job["id"].endswith(":openai")
     vid = job["id"]
-    assert httpx.get(f"{base}/v1/videos/{vid}", headers=ALICE).json()["status"] == "queued"
+    first = httpx.get(f"{base}/v1/videos/{vid}", headers=ALICE)
+    assert (first.json()["status"], first.headers["x-cache-status"]) == ("queued", "MISS")
     upstream.clock.advance(15)
-    assert httpx.get(f"{base}/v1/videos/{vid}", headers=ALICE).json()["status"] == "in_progress"
+    # Within poll_coalesce_seconds a poll is answered from the last upstream answer...
+    again = httpx.get(f"{base}/v1/videos/{vid}", headers=ALICE)
+    assert (again.json()["status"], again.headers["x-cache-status"]) == ("queued", "COALESCED")
+    assert again.content == first.content and "age" in again.headers
+    # ...unless the client asks for a fresh one.
+    fresh = httpx.get(f"{base}/v1/videos/{vid}", headers={**ALICE, "Cache-Control": "no-cache"})
+    assert (fresh.json()["status"], fresh.headers["x-cache-status"]) == ("in_progress", "BYPASS")
     upstream.clock.advance(30)
-    done = httpx.get(f"{base}/v1/videos/{vid}", headers=ALICE).json()
+    miss = httpx.get(f"{base}/v1/videos/{vid}", headers={**ALICE, "Cache-Control": "no-cache"})
+    done = miss.json()
     assert done["status"] == "completed" and done["expires_at"] > done["completed_at"]
+    calls = upstream.calls
+    hit = httpx.get(f"{base}/v1/videos/{vid}", headers=ALICE)
+    assert hit.headers["x-cache-status"] == "HIT" and upstream.calls == calls
+    cache_debug = hit.json()["extra_fields"].pop("cache_debug")
+    assert cache_debug["cache_hit"] is True and cache_debug["hit_type"] == "direct"
+    assert hit.json() | {"extra_fields": done["extra_fields"]} == done
     r = httpx.get(f"{base}/v1/videos/{vid}/content", headers=ALICE)
     native = vid.rpartition(":")[0]
     assert r.content == expected_content(native, "video", upstream.sim.state.config.content_bytes)

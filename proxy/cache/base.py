@@ -1,0 +1,76 @@
+"""What a cache entry is, and the small interface both stores implement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import orjson
+
+from ..policy import EntryKind
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A stored retrieve answer, with the bytes to send precomputed at store time."""
+
+    video_id: str  # canonical id, for invalidation
+    kind: EntryKind
+    status: int
+    headers: list[tuple[bytes, bytes]]  # upstream answer headers, ready to send
+    body: bytes  # for TERMINAL: the upstream body plus extra_fields.cache_debug
+    stored_at: float
+    deadline: float
+
+    @property
+    def size(self) -> int:
+        return len(self.body) + sum(len(k) + len(v) for k, v in self.headers) + 256
+
+    def dumps(self) -> bytes:
+        meta = {
+            "v": self.video_id, "k": self.kind.value, "s": self.status,
+            "h": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in self.headers],
+            "t": self.stored_at, "d": self.deadline,
+        }  # fmt: skip
+        return orjson.dumps(meta) + b"\n" + self.body
+
+    @classmethod
+    def loads(cls, data: bytes) -> Entry:
+        meta_raw, _, body = data.partition(b"\n")
+        meta = orjson.loads(meta_raw)
+        return cls(
+            video_id=meta["v"],
+            kind=EntryKind(meta["k"]),
+            status=meta["s"],
+            headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in meta["h"]],
+            body=body,
+            stored_at=meta["t"],
+            deadline=meta["d"],
+        )
+
+
+class CacheStore(Protocol):
+    """Both backends. Every method swallows its own backend failures: a broken cache
+    behaves like an empty one, never like an error."""
+
+    name: str
+
+    async def get(self, key: str) -> Entry | None: ...
+
+    async def put(self, key: str, entry: Entry) -> None: ...
+
+    async def delete_video(self, video_id: str) -> int: ...
+
+    async def clear(self) -> int: ...
+
+    async def lock(self, key: str, seconds: float) -> bool:
+        """Cross-replica single flight: True if this process should call upstream."""
+        ...
+
+    async def unlock(self, key: str) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    def stats(self) -> tuple[int, int]:
+        """(entries, bytes) held, as far as this process knows."""
+        ...

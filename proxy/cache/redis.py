@@ -1,0 +1,154 @@
+"""The shared store: Redis, for all workers and replicas.
+
+Entries expire natively (PX = the entry's TTL). A short ``SET NX PX`` lock gives
+cross-replica single flight. Every operation is bounded by ``redis_timeout_seconds``;
+any failure makes the cache behave as empty for a moment (a small circuit breaker),
+logs at most once per interval, and the client reconnects on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .base import Entry
+
+log = logging.getLogger("proxy.cache.redis")
+T = TypeVar("T")
+PREFIX = "bvp:"
+BREAKER_SECONDS = 0.5
+LOG_EVERY_SECONDS = 10.0
+
+
+class RedisStore:
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float,
+        clock: Callable[[], float],
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self._redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
+        self._timeout = timeout
+        self._clock = clock
+        self._on_error = on_error or (lambda op: None)
+        self._down_until = 0.0
+        self._last_log = 0.0
+        self._locks: dict[str, str] = {}
+        self._entries = 0
+        self._bytes = 0
+
+    async def _run(self, op: str, call: Callable[[], Awaitable[T]], default: T) -> T:
+        if time.monotonic() < self._down_until:
+            return default
+        try:
+            return await asyncio.wait_for(call(), self._timeout)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._down_until = time.monotonic() + BREAKER_SECONDS
+            self._on_error(op)
+            now = time.monotonic()
+            if now - self._last_log > LOG_EVERY_SECONDS:
+                self._last_log = now
+                log.warning(
+                    "redis %s failed (%s): serving without the cache", op, type(exc).__name__
+                )
+            return default
+
+    async def get(self, key: str) -> Entry | None:
+        raw: Any = await self._run("get", lambda: self._redis.get(PREFIX + "e:" + key), None)
+        if raw is None:
+            return None
+        try:
+            return Entry.loads(raw)
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    async def put(self, key: str, entry: Entry) -> None:
+        ttl_ms = int((entry.deadline - self._clock()) * 1000)
+        if ttl_ms <= 0:
+            return
+        index = PREFIX + "i:" + entry.video_id
+
+        async def write() -> None:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.set(PREFIX + "e:" + key, entry.dumps(), px=ttl_ms)
+                pipe.sadd(index, key)
+                pipe.pexpire(index, ttl_ms, gt=True)
+                pipe.pexpire(index, ttl_ms, nx=True)
+                await pipe.execute()
+
+        await self._run("set", write, None)
+        self._entries += 1
+        self._bytes += entry.size
+
+    async def delete_video(self, video_id: str) -> int:
+        index = PREFIX + "i:" + video_id
+
+        async def delete() -> int:
+            keys = await self._redis.smembers(index)
+            names = [PREFIX + "e:" + (k.decode() if isinstance(k, bytes) else k) for k in keys]
+            return int(await self._redis.delete(*names, index)) if names else 0
+
+        return await self._run("delete", delete, 0)
+
+    async def clear(self) -> int:
+        async def clear_all() -> int:
+            count = 0
+            async for name in self._redis.scan_iter(match=PREFIX + "*", count=500):
+                count += int(await self._redis.delete(name))
+            return count
+
+        # Not bounded by the per-operation timeout: an operator's purge may take a while.
+        try:
+            return await clear_all()
+        except (RedisError, OSError) as exc:
+            self._on_error("clear")
+            log.warning("redis clear failed: %s", type(exc).__name__)
+            return 0
+
+    async def lock(self, key: str, seconds: float) -> bool:
+        token = secrets.token_hex(8)
+
+        async def acquire() -> bool:
+            name = PREFIX + "l:" + key
+            return bool(await self._redis.set(name, token, nx=True, px=int(seconds * 1000)))
+
+        # Redis unavailable: every replica fetches for itself.
+        got = await self._run("lock", acquire, True)
+        if got:
+            self._locks[key] = token
+        return bool(got)
+
+    async def unlock(self, key: str) -> None:
+        token = self._locks.pop(key, None)
+        if token is None:
+            return
+        script = (
+            "if redis.call('get', KEYS[1]) == ARGV[1] then "
+            "return redis.call('del', KEYS[1]) else return 0 end"
+        )
+        await self._run(
+            "unlock", lambda: self._redis.eval(script, 1, PREFIX + "l:" + key, token), None
+        )
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    def stats(self) -> tuple[int, int]:
+        # Writes by this process (the shared total lives in Redis: INFO keyspace).
+        return self._entries, self._bytes
