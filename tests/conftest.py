@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -13,8 +14,10 @@ from tests.servers import ProxyProcess, run_proxy, serve_in_thread
 
 
 class FakeClock:
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
+    """A clock the test moves by hand (starts at the real time, then stands still)."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = time.time() if now is None else now
 
     def __call__(self) -> float:
         return self.now
@@ -58,17 +61,29 @@ def make_settings(upstream_url: str, **overrides: Any) -> Settings:
     return load(env={}, overrides={"upstream_url": upstream_url, **overrides})
 
 
+class ProxyURL(str):
+    """The proxy's base URL, carrying the app object for white-box assertions."""
+
+    app: ProxyApp
+
+
 @pytest.fixture
 def make_proxy(upstream: Upstream) -> Iterator[Any]:
-    """Start an in-thread proxy (uvicorn, real socket) with given settings."""
+    """Start an in-thread proxy (uvicorn, real socket) with given settings.
+
+    It shares the simulator's clock, so expiry is tested by moving the clock.
+    """
     stack: list[Any] = []
 
-    def start(**overrides: Any) -> str:
-        app = ProxyApp(make_settings(overrides.pop("upstream_url", upstream.url), **overrides))
+    def start(**overrides: Any) -> ProxyURL:
+        settings = make_settings(overrides.pop("upstream_url", upstream.url), **overrides)
+        app = ProxyApp(settings, clock=upstream.clock)
         cm = serve_in_thread(app)
         server = cm.__enter__()
         stack.append(cm)
-        return server.url
+        url = ProxyURL(server.url)
+        url.app = app
+        return url
 
     yield start
     for cm in reversed(stack):
@@ -76,5 +91,5 @@ def make_proxy(upstream: Upstream) -> Iterator[Any]:
 
 
 @pytest.fixture
-def proxy(make_proxy: Any) -> str:
-    return str(make_proxy())
+def proxy(make_proxy: Any) -> ProxyURL:
+    return make_proxy()  # type: ignore[no-any-return]
