@@ -22,12 +22,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import anyio
 import httpx
+from starlette.requests import Request
 
 from . import headers as hdr
 from .cache import CacheStore, Entry, create_store
 from .coalesce import SingleFlight
 from .errors import ProxyError
 from .ids import IdRules, InvalidVideoId, VideoId, normalize_provider, parse_decoded, parse_segment
+from .multipart import to_json_body
 from .policy import (
     CacheLimits,
     EntryKind,
@@ -349,11 +351,14 @@ class ProxyApp:
         query: bytes = b"",
         body: bytes | None = None,
         retry: bool = False,
+        drop: frozenset[bytes] = frozenset(),
+        extra: list[tuple[bytes, bytes]] | None = None,
     ) -> tuple[Reply, dict[str, Any] | None]:
         """One upstream JSON call; the answer with canonical ids, and its parsed body."""
         assert self.upstream is not None
         # No Accept-Encoding: JSON answers come back plain, ready to parse and cache.
-        headers = self.forward_headers(ex, drop=frozenset({b"accept-encoding"}))
+        headers = self.forward_headers(ex, drop=drop | {b"accept-encoding"})
+        headers.extend(extra or ())
         call = UpstreamCall(ex.method, path, query, headers, body, retry_idempotent=retry)
         started = time.perf_counter()
         response, raw = await self.upstream.fetch(call, MAX_JSON_ANSWER_BYTES)
@@ -493,13 +498,23 @@ class ProxyApp:
         await ex.answer(200, [JSON_TYPE], dumps({"purged": purged}))
 
     async def create_or_remix(self, route: Route, ex: Exchange) -> None:
-        body = await self.read_body(ex)
         ctype = (ex.header(b"content-type") or b"").split(b";")[0].strip().lower()
+        multipart = ctype == b"multipart/form-data"
+        if multipart and route.family == "native" and route.kind is Kind.CREATE:
+            # Bifrost's native create parses JSON only; the OpenAI SDK sends multipart.
+            request = Request(ex.scope, self.limited_receive(ex))
+            body = await to_json_body(request)
+            replace = frozenset({b"content-type", b"content-length"})
+            extra = [JSON_TYPE]
+            multipart = False
+        else:
+            body = await self.read_body(ex)
+            replace, extra = frozenset(), []
         provider: str | None = None
         doc: dict[str, Any] | None = None
         # Bifrost parses every non-multipart create/remix body as JSON, whatever its
         # Content-Type says: so does the proxy, to reject bad bodies before the call.
-        if ctype != b"multipart/form-data":
+        if not multipart:
             doc = parse_json_object(body)
             if doc is None:
                 raise ProxyError(400, "request body must be a valid JSON object")
@@ -516,7 +531,26 @@ class ProxyApp:
                 except InvalidVideoId as exc:
                     raise ProxyError(400, f"model: {exc}", param="model") from None
         ex.provider = provider or ""
-        await self.json_call(ex, path, provider, body=body)
+        reply, _ = await self.call_json(ex, path, provider, body=body, drop=replace, extra=extra)
+        await self.send_reply(ex, reply)
+
+    def limited_receive(self, ex: Exchange) -> Receive:
+        """ex.receive, refusing with 413 once the body passes max_request_bytes."""
+        limit = self.settings.max_request_bytes
+        declared = ex.header(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise self.too_large()
+        seen = 0
+
+        async def receive() -> Message:
+            nonlocal seen
+            message = await ex.receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise self.too_large()
+            return message
+
+        return receive
 
     async def list_videos(self, route: Route, ex: Exchange) -> None:
         pairs = parse_qsl(
