@@ -25,6 +25,7 @@ import httpx
 from starlette.requests import Request
 
 from . import headers as hdr
+from . import metrics
 from .cache import CacheStore, Entry, create_store
 from .coalesce import SingleFlight
 from .errors import ProxyError
@@ -43,6 +44,7 @@ from .policy import (
 from .rewrite import canonicalize_ids, dumps, parse_json_object
 from .routes import Kind, Route, classify
 from .settings import Settings
+from .transitions import StatusTracker
 from .upstream import Upstream, UpstreamCall
 
 log = logging.getLogger("proxy")
@@ -140,6 +142,7 @@ class ProxyApp:
             poll_coalesce_seconds=settings.poll_coalesce_seconds,
             max_entry_bytes=settings.cache_max_entry_bytes,
         )
+        self.tracker = StatusTracker()
         self.draining = False
         self._ready_cache: tuple[float, bool] = (0.0, False)
 
@@ -148,7 +151,11 @@ class ProxyApp:
     async def running(self) -> AsyncIterator[ProxyApp]:
         """Open the upstream pool (and later the cache); close them on exit."""
         self.upstream = Upstream(self.settings, self._transport)
-        self.cache = create_store(self.settings, self.clock, self.on_cache_error)
+        self.cache = create_store(
+            self.settings, self.clock, self.on_cache_error, metrics.CACHE_EVICTIONS.inc
+        )
+        swap = getattr(self.cache, "swap_status", None)
+        self.tracker = StatusTracker(swap=swap)
         try:
             yield self
         finally:
@@ -156,7 +163,8 @@ class ProxyApp:
             await self.cache.aclose()
 
     def on_cache_error(self, op: str) -> None:
-        """A cache backend operation failed (hook for metrics)."""
+        """A cache backend operation failed."""
+        metrics.CACHE_BACKEND_ERRORS.labels(self.settings.cache_backend, op).inc()
 
     def _watch_sigterm(self) -> None:
         """Flag draining on SIGTERM, then let the server's own handler run."""
@@ -199,6 +207,7 @@ class ProxyApp:
             scope, receive, send, scope["method"], path,
             _request_id(hdr.get(scope["headers"], b"x-request-id")),
         )  # fmt: skip
+        metrics.INFLIGHT.inc()
         try:
             route = classify(ex.method, path)
             ex.route = route.template
@@ -211,16 +220,25 @@ class ProxyApp:
             if not ex.response_started:
                 await ex.error(ProxyError(502, "proxy error while handling the request"))
         finally:
+            metrics.INFLIGHT.dec()
             self.observe(ex)
 
     def observe(self, ex: Exchange) -> None:
-        """Access log line (and, later, metrics) for a finished request."""
+        """Metrics and the access log line for a finished request."""
+        elapsed = time.perf_counter() - ex.started
+        metrics.REQUESTS.labels(ex.route, ex.method, str(ex.status)).inc()
+        cache = ex.cache.lower()
+        metrics.REQUEST_DURATION.labels(ex.route, ex.method, cache or "none").observe(elapsed)
+        if cache:
+            metrics.CACHE_REQUESTS.labels(cache).inc()
+            if cache in ("hit", "coalesced"):
+                metrics.CALLS_SAVED.inc()
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "access",
                 extra={
                     "method": ex.method, "route": ex.route, "status": ex.status,
-                    "duration_ms": round((time.perf_counter() - ex.started) * 1000, 3),
+                    "duration_ms": round(elapsed * 1000, 3),
                     "cache": ex.cache, "upstream_ms": ex.upstream_ms,
                     "request_id": ex.request_id, "provider": ex.provider,
                 },
@@ -233,7 +251,10 @@ class ProxyApp:
         elif kind is Kind.READYZ:
             await self.readyz(ex)
         elif kind is Kind.METRICS:
-            raise ProxyError(404, "metrics are not enabled")
+            if self.settings.metrics_port:
+                raise ProxyError(404, "metrics are served on metrics_port only")
+            body, content_type = metrics.exposition((ex.header(b"accept") or b"").decode("latin-1"))
+            await ex.answer(200, [(b"content-type", content_type.encode())], body)
         elif kind in (Kind.ADMIN_PURGE_ALL, Kind.ADMIN_PURGE_ONE):
             await self.admin_purge(route, ex)
         elif kind is Kind.PASSTHROUGH:
@@ -359,12 +380,28 @@ class ProxyApp:
         # No Accept-Encoding: JSON answers come back plain, ready to parse and cache.
         headers = self.forward_headers(ex, drop=drop | {b"accept-encoding"})
         headers.extend(extra or ())
-        call = UpstreamCall(ex.method, path, query, headers, body, retry_idempotent=retry)
+        call = UpstreamCall(
+            ex.method, path, query, headers, body, retry_idempotent=retry, route=ex.route
+        )
         started = time.perf_counter()
         response, raw = await self.upstream.fetch(call, MAX_JSON_ANSWER_BYTES)
         ex.upstream_ms = round((time.perf_counter() - started) * 1000, 3)
         out, doc = self.fix_answer(response, raw, provider)
+        if doc is not None and 200 <= response.status_code < 300:
+            await self.track_statuses(doc)
         return Reply(response.status_code, self.answer_headers(response), out), doc
+
+    async def track_statuses(self, doc: dict[str, Any]) -> None:
+        """Feed every job status an answer reveals (one job, or a list) to the tracker."""
+        data = doc.get("data")
+        items = data if isinstance(data, list) else [doc]
+        try:
+            for item in items:
+                if isinstance(item, dict) and "status" in item and isinstance(item.get("id"), str):
+                    video_id: str = item["id"]
+                    await self.tracker.observe(video_id, video_id.rpartition(":")[2], item)
+        except Exception:  # metrics must never fail a request
+            log.exception("status tracking failed")
 
     async def json_call(
         self,
@@ -410,40 +447,37 @@ class ProxyApp:
         key = cache_key(
             route.family, video.canonical, tenant_fingerprint(ex.scope["headers"], self.secret)
         )
-        if not directives.bypass:
-            entry = await self.cache.get(key)
-            if entry is not None and servable(entry.deadline, self.clock()):
-                ex.cache = "HIT" if entry.kind is EntryKind.TERMINAL else "COALESCED"
-                await self.send_reply(ex, Reply(entry.status, entry.headers, entry.body, entry))
-                return
         path = f"{route.prefix}/{video.upstream_segment}"
         if directives.bypass:
             ex.cache = "BYPASS"
             reply = await self.fetch_retrieve(ex, path, key, video, directives)
+            await self.send_reply(ex, reply)
+            return
+        entry = self.cache.get_nowait(key)  # in-process stores answer without awaiting
+        if entry is not None and servable(entry.deadline, self.clock()):
+            reply = Reply(entry.status, entry.headers, entry.body, entry)
         else:
+            # Shared stores are read inside the single flight: a burst of identical
+            # polls costs one lookup (and at most one upstream call) per process.
             reply, joined = await self.flights.run(
-                key, lambda: self.fetch_retrieve(ex, path, key, video, directives, shared=True)
+                key, lambda: self.lookup_or_fetch(ex, path, key, video, directives)
             )
-            if reply.entry is not None:  # another replica fetched it meanwhile
-                ex.cache = "HIT" if reply.entry.kind is EntryKind.TERMINAL else "COALESCED"
-            else:
+            if reply.entry is None:
                 ex.cache = "COALESCED" if joined else "MISS"
+        if reply.entry is not None:
+            ex.cache = "HIT" if reply.entry.kind is EntryKind.TERMINAL else "COALESCED"
         await self.send_reply(ex, reply)
 
-    async def fetch_retrieve(
-        self,
-        ex: Exchange,
-        path: str,
-        key: str,
-        video: VideoId,
-        directives: RequestDirectives,
-        *,
-        shared: bool = False,
+    async def lookup_or_fetch(
+        self, ex: Exchange, path: str, key: str, video: VideoId, directives: RequestDirectives
     ) -> Reply:
-        """Call upstream for a retrieve and store what the rules allow."""
+        """The shared store's entry if fresh; else one upstream call across replicas."""
         assert self.cache is not None
+        entry = await self.cache.get(key)
+        if entry is not None and servable(entry.deadline, self.clock()):
+            return Reply(entry.status, entry.headers, entry.body, entry)
         wait = min(self.settings.upstream_timeout_seconds, 10.0)
-        if shared and not await self.cache.lock(key, wait):
+        if not await self.cache.lock(key, wait):
             # Another replica is fetching this very answer: wait for its entry.
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
@@ -452,22 +486,34 @@ class ProxyApp:
                 if entry is not None and servable(entry.deadline, self.clock()):
                     return Reply(entry.status, entry.headers, entry.body, entry)
         try:
-            reply, doc = await self.call_json(ex, path, video.provider, retry=True)
-            now = self.clock()
-            decision = decide(reply.status, doc, len(reply.body), now, self.limits, directives)
-            if decision is not None and doc is not None:
-                body = reply.body
-                if decision.kind is EntryKind.TERMINAL:
-                    body = self.hit_body(doc)
-                entry = Entry(
-                    video.canonical, decision.kind, reply.status, reply.headers, body, now,
-                    decision.deadline,
-                )  # fmt: skip
-                await self.cache.put(key, entry)
-            return reply
+            return await self.fetch_retrieve(ex, path, key, video, directives)
         finally:
-            if shared:
-                await self.cache.unlock(key)
+            await self.cache.unlock(key)
+
+    async def fetch_retrieve(
+        self,
+        ex: Exchange,
+        path: str,
+        key: str,
+        video: VideoId,
+        directives: RequestDirectives,
+    ) -> Reply:
+        """Call upstream for a retrieve and store what the rules allow."""
+        assert self.cache is not None
+        reply, doc = await self.call_json(ex, path, video.provider, retry=True)
+        now = self.clock()
+        decision = decide(reply.status, doc, len(reply.body), now, self.limits, directives)
+        if decision is not None and doc is not None:
+            body = self.hit_body(doc) if decision.kind is EntryKind.TERMINAL else reply.body
+            entry = Entry(
+                video.canonical, decision.kind, reply.status, reply.headers, body, now,
+                decision.deadline,
+            )  # fmt: skip
+            await self.cache.put(key, entry)
+            entries, size = self.cache.stats()
+            metrics.CACHE_ENTRIES.set(entries)
+            metrics.CACHE_BYTES.set(size)
+        return reply
 
     @staticmethod
     def hit_body(doc: dict[str, Any]) -> bytes:
@@ -618,8 +664,9 @@ class ProxyApp:
                 )
         path = f"{route.prefix}/{video.upstream_segment}/content"
         call = UpstreamCall(
-            "GET", path, query, self.forward_headers(ex), retry_idempotent=True, streaming=True
-        )
+            "GET", path, query, self.forward_headers(ex), retry_idempotent=True, streaming=True,
+            route=ex.route,
+        )  # fmt: skip
         await self.stream(ex, call, None)
 
     async def passthrough(self, ex: Exchange) -> None:
@@ -637,7 +684,7 @@ class ProxyApp:
             body_done.set()
         call = UpstreamCall(
             ex.method, ex.raw_path, ex.scope.get("query_string", b""),
-            self.forward_headers(ex), content, streaming=True,
+            self.forward_headers(ex), content, streaming=True, route=ex.route,
         )  # fmt: skip
         await self.stream(ex, call, body_done)
 

@@ -9,12 +9,14 @@ envelope) naming the cause, never a 500.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import anyio
 import httpx
 
+from . import metrics
 from .errors import ProxyError
 from .settings import Settings
 
@@ -30,6 +32,7 @@ class UpstreamCall:
     content: bytes | AsyncIterator[bytes] | None = None
     retry_idempotent: bool = False  # GET retrieve/list may be retried once
     streaming: bool = False  # content downloads and pass-through: idle-read timeout
+    route: str = "other"  # metric label: the route template
 
 
 class Upstream:
@@ -74,19 +77,29 @@ class Upstream:
     async def open(self, call: UpstreamCall) -> httpx.Response:
         """Send the request; the answer's body is left unread (stream it or read it)."""
         attempts = 2 if call.retry_idempotent else 1
+        started = time.perf_counter()
         for attempt in range(attempts):
             try:
-                return await self.client.send(self._request(call), stream=True)
+                response = await self.client.send(self._request(call), stream=True)
             except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
                 # A pooled keep-alive connection the server had already closed fails
                 # before any byte is received: safe to retry once for GET.
                 if attempt + 1 < attempts:
                     log.debug("retrying %s after %s", call.method, type(exc).__name__)
                     continue
-                raise map_error(exc) from None
+                raise self._failed(call, exc) from None
             except httpx.HTTPError as exc:
-                raise map_error(exc) from None
+                raise self._failed(call, exc) from None
+            metrics.UPSTREAM_DURATION.labels(
+                call.route, call.method, str(response.status_code)
+            ).observe(time.perf_counter() - started)
+            return response
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _failed(call: UpstreamCall, exc: httpx.HTTPError) -> ProxyError:
+        metrics.UPSTREAM_ERRORS.labels(call.route, error_kind(exc)).inc()
+        return map_error(exc)
 
     async def fetch(self, call: UpstreamCall, max_bytes: int) -> tuple[httpx.Response, bytes]:
         """Send and read the whole (raw, undecoded) body within the total timeout."""
@@ -98,9 +111,10 @@ class Upstream:
                 finally:
                     await response.aclose()
         except TimeoutError:
+            metrics.UPSTREAM_ERRORS.labels(call.route, "timeout").inc()
             raise ProxyError(504, "upstream timed out") from None
-        except httpx.HTTPError as exc:
-            raise map_error(exc) from None
+        except httpx.HTTPError as exc:  # while reading the body
+            raise self._failed(call, exc) from None
         return response, body
 
 

@@ -12,10 +12,13 @@ __all__ = ["CacheStore", "Entry", "MemoryStore", "create_store"]
 
 
 def create_store(
-    settings: Settings, clock: Callable[[], float], on_error: Callable[[str], None] | None = None
+    settings: Settings,
+    clock: Callable[[], float],
+    on_error: Callable[[str], None] | None = None,
+    on_evict: Callable[[], None] = lambda: None,
 ) -> CacheStore:
     if settings.cache_backend == "redis":
         from .redis import RedisStore
 
         return RedisStore(settings.redis_url, settings.redis_timeout_seconds, clock, on_error)
-    return MemoryStore(settings.cache_max_bytes, clock)
+    return MemoryStore(settings.cache_max_bytes, clock, on_evict)

@@ -55,6 +55,10 @@ class CacheStore(Protocol):
 
     name: str
 
+    def get_nowait(self, key: str) -> Entry | None:
+        """An entry held in this process, without I/O (None for shared stores)."""
+        ...
+
     async def get(self, key: str) -> Entry | None: ...
 
     async def put(self, key: str, entry: Entry) -> None: ...

@@ -13,15 +13,19 @@ from .base import Entry
 class _Cache(TLRUCache[str, Entry]):
     """cachetools' TLRU cache that counts evictions made to respect the byte bound."""
 
-    def __init__(self, maxsize: int, timer: Callable[[], float]) -> None:
+    def __init__(
+        self, maxsize: int, timer: Callable[[], float], on_evict: Callable[[], None]
+    ) -> None:
         super().__init__(
             maxsize, ttu=lambda _k, entry, _now: entry.deadline, timer=timer, getsizeof=_size
         )
         self.evictions = 0
+        self._on_evict = on_evict
 
     def popitem(self) -> tuple[str, Entry]:
         item = super().popitem()
         self.evictions += 1
+        self._on_evict()
         return item
 
 
@@ -32,8 +36,13 @@ def _size(entry: Entry) -> int:
 class MemoryStore:
     name = "memory"
 
-    def __init__(self, max_bytes: int, clock: Callable[[], float]) -> None:
-        self._cache = _Cache(max_bytes, clock)
+    def __init__(
+        self,
+        max_bytes: int,
+        clock: Callable[[], float],
+        on_evict: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._cache = _Cache(max_bytes, clock, on_evict)
 
     @property
     def evictions(self) -> int:
@@ -72,5 +81,4 @@ class MemoryStore:
         return None
 
     def stats(self) -> tuple[int, int]:
-        self._cache.expire()
         return len(self._cache), int(self._cache.currsize)

@@ -25,6 +25,7 @@ T = TypeVar("T")
 PREFIX = "bvp:"
 BREAKER_SECONDS = 0.5
 LOG_EVERY_SECONDS = 10.0
+STATUS_TTL_SECONDS = 7 * 24 * 3600
 
 
 class RedisStore:
@@ -68,6 +69,9 @@ class RedisStore:
                     "redis %s failed (%s): serving without the cache", op, type(exc).__name__
                 )
             return default
+
+    def get_nowait(self, key: str) -> Entry | None:
+        return None
 
     async def get(self, key: str) -> Entry | None:
         raw: Any = await self._run("get", lambda: self._redis.get(PREFIX + "e:" + key), None)
@@ -145,6 +149,16 @@ class RedisStore:
         await self._run(
             "unlock", lambda: self._redis.eval(script, 1, PREFIX + "l:" + key, token), None
         )
+
+    async def swap_status(self, video_id: str, status: str) -> str | None:
+        """Atomically record a job's status; the previous one (shared by replicas)."""
+
+        async def swap() -> str | None:
+            name = PREFIX + "s:" + video_id
+            old = await self._redis.set(name, status, get=True, ex=STATUS_TTL_SECONDS)
+            return old.decode() if isinstance(old, bytes) else None
+
+        return await self._run("status", swap, None)
 
     async def aclose(self) -> None:
         await self._redis.aclose()

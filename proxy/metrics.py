@@ -1,0 +1,100 @@
+"""Prometheus metrics: names and labels fixed by the operators' contract.
+
+Label values are bounded: route templates (never raw paths), HTTP status codes,
+known providers (others become ``other``), the four job statuses (others become
+``unknown``). With several workers, prometheus-client's multiprocess mode sums
+every worker's values; ``multiprocess_mode`` says how each gauge combines.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    multiprocess,
+)
+from prometheus_client.exposition import choose_encoder
+
+from . import __version__
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+JOB_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 21600, 86400)
+
+REQUESTS = Counter(
+    "bifrost_proxy_requests_total", "Requests answered, by route template.",
+    ["route", "method", "status"],
+)  # fmt: skip
+REQUEST_DURATION = Histogram(
+    "bifrost_proxy_request_duration_seconds", "Time to answer a request.",
+    ["route", "method", "cache"], buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+UPSTREAM_DURATION = Histogram(
+    "bifrost_proxy_upstream_request_duration_seconds",
+    "Time until the upstream's answer headers (whole body for JSON routes).",
+    ["route", "method", "status"], buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+UPSTREAM_ERRORS = Counter(
+    "bifrost_proxy_upstream_errors_total", "Upstream calls that failed at transport level.",
+    ["route", "kind"],
+)  # fmt: skip
+CACHE_REQUESTS = Counter(
+    "bifrost_proxy_cache_requests_total", "Retrieves by cache result.", ["result"]
+)
+CACHE_ENTRIES = Gauge(
+    "bifrost_proxy_cache_entries", "Entries held by the cache.", multiprocess_mode="livesum"
+)
+CACHE_BYTES = Gauge(
+    "bifrost_proxy_cache_bytes", "Bytes held by the cache.", multiprocess_mode="livesum"
+)
+CACHE_EVICTIONS = Counter(
+    "bifrost_proxy_cache_evictions_total", "Entries evicted to respect cache_max_bytes."
+)
+CACHE_BACKEND_ERRORS = Counter(
+    "bifrost_proxy_cache_backend_errors_total", "Failed cache backend operations.",
+    ["backend", "op"],
+)  # fmt: skip
+CALLS_SAVED = Counter(
+    "bifrost_proxy_upstream_calls_saved_total", "Answers given without an upstream call."
+)
+TRANSITIONS = Counter(
+    "bifrost_proxy_video_status_transitions_total",
+    "Observed changes of a job's status, each counted once.",
+    ["provider", "from_status", "to_status"],
+)
+JOB_DURATION = Histogram(
+    "bifrost_proxy_video_job_duration_seconds", "completed_at - created_at of finished jobs.",
+    ["provider", "outcome"], buckets=JOB_BUCKETS,
+)  # fmt: skip
+INFLIGHT = Gauge(
+    "bifrost_proxy_inflight_requests", "Requests being handled.", multiprocess_mode="livesum"
+)
+BUILD_INFO = Gauge(
+    "bifrost_proxy_build_info", "The running version.", ["version"], multiprocess_mode="max"
+)
+BUILD_INFO.labels(__version__).set(1)
+
+CACHE_RESULTS = ("hit", "miss", "bypass", "coalesced")
+for _result in CACHE_RESULTS:  # so dashboards see zeros, not gaps
+    CACHE_REQUESTS.labels(_result)
+
+
+def registry() -> CollectorRegistry:
+    """The registry to expose: every worker's values when running multiprocess."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        return merged
+    return REGISTRY
+
+
+def exposition(accept: str | None) -> tuple[bytes, str]:
+    """The scrape body and its content type (OpenMetrics when the scraper asks)."""
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry()), content_type
