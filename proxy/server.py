@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
+from prometheus_client import start_http_server
 
-from . import __version__, logs
+from . import __version__, logs, metrics
 from .app import ProxyApp
 from .settings import HELP, Settings, SettingsError, load
 
@@ -73,6 +77,13 @@ def start_simulator() -> str:
     return f"http://127.0.0.1:{port}"
 
 
+def enable_multiprocess_metrics() -> None:
+    """Workers write metrics to a fresh directory; any scrape sums them all."""
+    directory = tempfile.mkdtemp(prefix="bifrost-video-proxy-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    atexit.register(shutil.rmtree, directory, True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     overrides: dict[str, Any] = {
@@ -89,6 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in overrides.items():
         os.environ[f"PROXY_{name.upper()}"] = str(value)
     logs.configure(settings.log_level, settings.log_format)
+    if settings.workers > 1:
+        enable_multiprocess_metrics()
+    if settings.metrics_port:
+        # In the supervising process: one listener whatever the worker count, and
+        # never the admin routes.
+        start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry())
     if args.simulate:
         url = start_simulator()
         os.environ["PROXY_UPSTREAM_URL"] = url
