@@ -8,6 +8,7 @@ and content downloads and pass-through are streamed both ways.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -25,7 +26,7 @@ import httpx
 from starlette.requests import Request
 
 from . import headers as hdr
-from . import metrics
+from . import logs, metrics
 from .cache import CacheStore, Entry, create_store
 from .coalesce import SingleFlight
 from .errors import ProxyError
@@ -63,6 +64,38 @@ _STRIP_FROM_STREAM = frozenset({b"x-request-id"})
 # Upstream JSON answers are read whole; anything larger is refused with 502.
 MAX_JSON_ANSWER_BYTES = 256 * 1024 * 1024
 VARIANTS = ("video", "thumbnail", "spritesheet")
+HIT_ROUTES = ("/v1/videos/{video_id}", "/openai/v1/videos/{video_id}")
+HOT_MAX = 16384  # memoised hit answers (references to live cache entries)
+FLUSH_SECONDS = 1.0
+_HOT_CREDENTIALS = frozenset(
+    {b"authorization", b"x-api-key", b"x-goog-api-key", b"x-bf-vk", b"x-bf-api-key",
+     b"x-bf-api-key-id"}
+)  # fmt: skip
+
+
+def hot_key(scope: Scope) -> tuple[bytes, bytes] | None:
+    """(raw path, credential headers) of a plain GET, or None if it must take the slow
+    path (a query string, or Cache-Control that may ask to bypass the cache)."""
+    if scope["query_string"]:
+        return None
+    creds = b""
+    for name, value in scope["headers"]:
+        if name in _HOT_CREDENTIALS or name.startswith(b"x-bf-eh-"):
+            creds += name + b"\x00" + value + b"\x01"
+        elif name == b"cache-control":
+            return None
+    return scope.get("raw_path") or scope["path"].encode(), creds
+
+
+@dataclass(frozen=True, slots=True)
+class HotHit:
+    """A memoised HIT: the cache key and entry it stands for, headers ready to send."""
+
+    key: str
+    entry: Entry
+    route: int  # index into HIT_ROUTES
+    provider: str
+    headers: list[tuple[bytes, bytes]]
 
 
 @dataclass(slots=True)
@@ -143,6 +176,9 @@ class ProxyApp:
             max_entry_bytes=settings.cache_max_entry_bytes,
         )
         self.tracker = StatusTracker()
+        self.hot: dict[tuple[bytes, bytes], HotHit] = {}
+        self.hits = metrics.HitRecorder(HIT_ROUTES)
+        self.hit_log: list[tuple[float, HotHit, float, str]] = []
         self.draining = False
         self._ready_cache: tuple[float, bool] = (0.0, False)
 
@@ -156,11 +192,40 @@ class ProxyApp:
         )
         swap = getattr(self.cache, "swap_status", None)
         self.tracker = StatusTracker(swap=swap)
+        flusher = asyncio.ensure_future(self._flush_loop())
         try:
             yield self
         finally:
+            flusher.cancel()
+            self.flush()
             await self.upstream.aclose()
             await self.cache.aclose()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            self.flush()
+
+    def flush(self) -> None:
+        """Move fast-path hit counts into the metrics and write their access lines."""
+        self.hits.flush()
+        lines, self.hit_log = self.hit_log, []
+        logs.write_access_batch(
+            [
+                {
+                    "created": created,
+                    "method": "GET",
+                    "route": HIT_ROUTES[hot.route],
+                    "status": 200,
+                    "duration_ms": round(seconds * 1000, 3),
+                    "cache": "HIT",
+                    "upstream_ms": None,
+                    "request_id": request_id,
+                    "provider": hot.provider,
+                }
+                for created, hot, seconds, request_id in lines
+            ]
+        )
 
     def on_cache_error(self, op: str) -> None:
         """A cache backend operation failed."""
@@ -201,6 +266,10 @@ class ProxyApp:
             return
         if scope["type"] != "http":
             return
+        if scope["method"] == "GET" and self.hot:
+            hot = self.hot.get(hot_key(scope))  # type: ignore[arg-type]
+            if hot is not None and await self.send_hot(hot, scope, send):
+                return
         raw_path = scope.get("raw_path")
         path = raw_path.decode("latin-1") if raw_path else scope["path"]
         ex = Exchange(
@@ -222,6 +291,49 @@ class ProxyApp:
         finally:
             metrics.INFLIGHT.dec()
             self.observe(ex)
+
+    async def send_hot(self, hot: HotHit, scope: Scope, send: Send) -> bool:
+        """The cache-hit fast path: no routing, no parsing, precomputed bytes."""
+        started = time.perf_counter()
+        assert self.cache is not None
+        entry = hot.entry
+        now = self.clock()
+        if self.cache.get_nowait(hot.key) is not entry or not now < entry.deadline:
+            del self.hot[hot_key(scope)]  # type: ignore[arg-type]
+            return False  # deleted, evicted, refreshed or expired: the slow path decides
+        request_id = hdr.get(scope["headers"], b"x-request-id")
+        rid = _request_id(request_id)
+        headers = [
+            *hot.headers,
+            (b"age", str(int(now - entry.stored_at)).encode()),
+            (b"x-request-id", rid.encode()),
+        ]
+        await send({"type": "http.response.start", "status": entry.status, "headers": headers})
+        await send({"type": "http.response.body", "body": entry.body})
+        seconds = time.perf_counter() - started
+        self.hits.record(hot.route, seconds)
+        self.hit_log.append((time.time(), hot, seconds, rid))
+        return True
+
+    def remember_hit(self, ex: Exchange, route: Route, key: str, entry: Entry) -> None:
+        """Memoise a HIT so the next identical request takes the fast path."""
+        if (
+            self.cache is None
+            or self.cache.name != "memory"
+            or entry.kind is not EntryKind.TERMINAL
+        ):
+            return  # shared stores can change under us: always ask them
+        hk = hot_key(ex.scope)
+        if hk is None:
+            return
+        if len(self.hot) >= HOT_MAX:
+            self.hot.clear()
+        headers = [
+            *entry.headers,
+            (b"x-cache-status", b"HIT"),
+            (b"content-length", str(len(entry.body)).encode()),
+        ]
+        self.hot[hk] = HotHit(key, entry, HIT_ROUTES.index(route.template), ex.provider, headers)
 
     def observe(self, ex: Exchange) -> None:
         """Metrics and the access log line for a finished request."""
@@ -253,6 +365,7 @@ class ProxyApp:
         elif kind is Kind.METRICS:
             if self.settings.metrics_port:
                 raise ProxyError(404, "metrics are served on metrics_port only")
+            self.flush()
             body, content_type = metrics.exposition((ex.header(b"accept") or b"").decode("latin-1"))
             await ex.answer(200, [(b"content-type", content_type.encode())], body)
         elif kind in (Kind.ADMIN_PURGE_ALL, Kind.ADMIN_PURGE_ONE):
@@ -456,6 +569,7 @@ class ProxyApp:
         entry = self.cache.get_nowait(key)  # in-process stores answer without awaiting
         if entry is not None and servable(entry.deadline, self.clock()):
             reply = Reply(entry.status, entry.headers, entry.body, entry)
+            self.remember_hit(ex, route, key, entry)
         else:
             # Shared stores are read inside the single flight: a burst of identical
             # polls costs one lookup (and at most one upstream call) per process.

@@ -59,3 +59,47 @@ def configure(level: str, fmt: str) -> None:
     # httpx logs every request URL at INFO: URLs hold video ids, keep them out.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _timestamp(created: float, cache: dict[int, str]) -> str:
+    second = int(created)
+    prefix = cache.get(second)
+    if prefix is None:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        cache.clear()
+        cache[second] = prefix
+    return f"{prefix}.{int((created - second) * 1000):03d}Z"
+
+
+def write_access_batch(rows: list[dict[str, Any]]) -> None:
+    """Write many access lines at once, formatted as the configured handler would.
+
+    Used for cache hits, whose lines are buffered: the logging machinery per line
+    would cost more than the hit itself.
+    """
+    root = logging.getLogger()
+    if not rows or not logging.getLogger("proxy").isEnabledFor(logging.INFO):
+        return
+    handler = next((h for h in root.handlers if isinstance(h, logging.StreamHandler)), None)
+    if handler is None:
+        return
+    as_json = isinstance(handler.formatter, JsonFormatter)
+    stamps: dict[int, str] = {}
+    out: list[str] = []
+    for row in rows:
+        stamp = _timestamp(row.pop("created"), stamps)
+        if as_json:
+            line = {"time": stamp, "level": "info", "logger": "proxy", "message": "access", **row}
+            out.append(orjson.dumps(line).decode())
+        else:
+            out.append(
+                f"{stamp} INFO proxy: {row['method']} {row['route']} {row['status']} "
+                f"{row['duration_ms']}ms cache={row['cache']} upstream_ms=None "
+                f"provider=- id={row['request_id']}"
+            )
+    handler.acquire()
+    try:
+        handler.stream.write("\n".join(out) + "\n")
+        handler.flush()
+    finally:
+        handler.release()

@@ -249,3 +249,22 @@ def test_admin_purge(make_proxy: Any, upstream: Upstream, proxy: ProxyURL) -> No
     r = httpx.delete(f"{base}/admin/cache", headers={"Authorization": "Bearer s3cret-admin"})
     assert r.json() == {"purged": 1}
     assert get(base, vid).headers["x-cache-status"] == "MISS"
+
+
+def test_repeated_hits_keep_every_guarantee(proxy: ProxyURL, upstream: Upstream) -> None:
+    """Hits after the first take the memoised fast path; it must behave the same."""
+    vid = finish(proxy, upstream)["id"]
+    get(proxy, vid)
+    first = get(proxy, vid)
+    assert proxy.app.hot  # memoised
+    for i in range(3):
+        r = get(proxy, vid, {**ALICE, "X-Request-ID": f"rid-{i}"})
+        assert (r.headers["x-cache-status"], r.headers["x-request-id"]) == ("HIT", f"rid-{i}")
+        assert r.content == first.content and r.headers["content-length"] == str(len(first.content))
+    assert (
+        get(proxy, vid, {**ALICE, "Cache-Control": "no-cache"}).headers["x-cache-status"]
+        == "BYPASS"
+    )
+    assert get(proxy, vid, BOB).status_code == 404  # other credentials never match the memo
+    upstream.clock.advance(4000)  # past expires_at
+    assert get(proxy, vid).headers["x-cache-status"] == "MISS"

@@ -300,3 +300,37 @@ def test_every_metric_in_alerts_and_dashboard_is_exposed(proxy_process: ProxyPro
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
     for topic in ("latency", "status", "hit ratio", "saved", "transitions", "duration"):
         assert topic in titles
+
+
+def test_fast_path_hits_are_logged_and_counted(upstream: Upstream, tmp_path: Any) -> None:
+    from tests.servers import wait_until
+
+    with run_proxy(upstream.url, tmp_path=tmp_path) as proc:
+        vid = create(proc.url)["id"]
+        upstream.clock.advance(31)
+        for i in range(6):
+            httpx.get(f"{proc.url}/v1/videos/{vid}", headers={**ALICE, "X-Request-ID": f"hit-{i}"})
+
+        def logged() -> bool:
+            return '"request_id":"hit-5"' in proc.log()
+
+        wait_until(logged, timeout=5, what="buffered HIT access line")
+        line = next(json.loads(x) for x in proc.log().splitlines() if '"hit-5"' in x)
+        assert (line["cache"], line["status"], line["provider"], line["route"]) == (
+            "HIT",
+            200,
+            "openai",
+            "/v1/videos/{video_id}",
+        )
+        m = scrape(proc.url)
+        assert value(m, "bifrost_proxy_cache_requests_total", result="hit") == 5
+        assert (
+            value(
+                m,
+                "bifrost_proxy_request_duration_seconds_count",
+                route="/v1/videos/{video_id}",
+                method="GET",
+                cache="hit",
+            )
+            == 5
+        )
