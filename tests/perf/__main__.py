@@ -1,0 +1,464 @@
+"""The benchmark: one command, everything on loopback, ratios against same-run baselines.
+
+    python -m tests.perf [--quick]
+
+Starts nginx (fixed job bodies: the upstream is never the bottleneck), the proxy
+(the real console script, metrics and access logging on), a bare Starlette route and
+an aiohttp reference proxy, drives them with wrk (1 thread, 32 connections),
+alternating proxy and baselines, and prints each figure as a ratio with its target.
+The last results are kept in tests/perf/last_results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from proxy.simulator.app import SimulatorConfig, create_simulator
+from tests.servers import free_port, serve_in_thread, wait_until
+
+HERE = Path(__file__).resolve().parent
+EXE = Path(sys.executable).with_name("bifrost-video-proxy")
+JOB = {
+    "object": "video", "model": "sora-2", "progress": 100.0, "prompt": "a cat on a skateboard " * 8,
+    "seconds": "8", "size": "1280x720", "created_at": 1795000000, "completed_at": 1795000060,
+    "videos": [{"type": "video", "url": "https://videos.example/v.mp4", "content_type": "video/mp4"}],
+    "extra_fields": {"request_type": "video_retrieve", "provider": "openai", "model_requested": "sora-2",
+                     "latency": 412},
+}  # fmt: skip
+DOWNLOAD_BYTES = 256 * 1024 * 1024
+
+
+def ensure_tools() -> None:
+    missing = [
+        t for t in ("wrk", "nginx") if not (shutil.which(t) or Path(f"/usr/sbin/{t}").exists())
+    ]
+    if missing:
+        print(f"installing {missing} from Debian's packages…", file=sys.stderr)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "wrk", "nginx-light"], check=True, env=env
+        )
+
+
+def nginx_binary() -> str:
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+@contextlib.contextmanager
+def nginx(workdir: Path) -> Iterator[str]:
+    port = free_port()
+    running = dict(JOB, id="video_bench:openai", status="in_progress", progress=50.0)
+    done = dict(
+        JOB, id="video_done:openai", status="completed", expires_at=int(time.time()) + 86400
+    )
+    (workdir / "video.bin").write_bytes(b"")
+    os.truncate(workdir / "video.bin", DOWNLOAD_BYTES)
+    conf = workdir / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path {workdir};
+  proxy_temp_path {workdir};
+  fastcgi_temp_path {workdir};
+  uwsgi_temp_path {workdir};
+  scgi_temp_path {workdir};
+  server {{
+    listen 127.0.0.1:{port};
+    location ~ ^/v1/videos/[^/]+/content$ {{ default_type video/mp4; alias {workdir}/video.bin; }}
+    location ~ ^/v1/videos/done {{ default_type application/json; return 200 '{json.dumps(done)}'; }}
+    location /v1/videos/ {{ default_type application/json; return 200 '{json.dumps(running)}'; }}
+  }}
+}}
+""")
+    proc = subprocess.Popen(
+        [nginx_binary(), "-c", str(conf), "-p", str(workdir)], stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _up(url + "/v1/videos/x:openai"), what="nginx")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=0.5).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+@contextlib.contextmanager
+def process(
+    cmd: list[str], health: str, env: dict[str, str] | None = None, log: Path | None = None
+) -> Iterator[psutil.Process]:
+    out = open(log, "wb") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=out)
+    try:
+        wait_until(lambda: _up(health), timeout=20, what=" ".join(cmd[:2]))
+        yield psutil.Process(proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if log:
+            out.close()  # type: ignore[union-attr]
+
+
+def proxy_cmd(upstream: str, port: int, *extra: str) -> list[str]:
+    return [str(EXE), "--upstream", upstream, "--port", str(port), *extra]
+
+
+def uvicorn_cmd(app: str, port: int, env: dict[str, str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        app,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
+
+
+def wrk(
+    url: str,
+    seconds: float,
+    connections: int = 32,
+    script: Path | None = None,
+    headers: dict[str, str] | None = None,
+) -> dict[str, float]:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
+    for k, v in (headers or {}).items():
+        cmd += ["-H", f"{k}: {v}"]
+    if script:
+        cmd += ["-s", str(script)]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": rps,
+        "p50_ms": float(p50.group(1)) * scale[p50.group(2)] if p50 else float("nan"),
+        "non2xx": float(errors.group(1)) if errors else 0.0,
+    }
+
+
+DISTINCT_IDS = """
+counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format("GET", "/v1/videos/video_" .. counter .. "_" .. math.random(1, 1000000000) .. ":openai")
+end
+"""
+TEN_THOUSAND_DONE = """
+counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format("GET", "/v1/videos/done_" .. (counter % 10000) .. ":openai")
+end
+"""
+
+
+def median_ratio(pairs: list[tuple[float, float]]) -> float:
+    return statistics.median(a / b for a, b in pairs)
+
+
+def rss_mib(proc: psutil.Process) -> float:
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
+
+
+def bench_throughput(
+    up: str, work: Path, rounds: int, seconds: float, results: dict[str, Any]
+) -> None:
+    auth = {"Authorization": "Bearer sk-bf-bench"}
+    hit_port, bare_port, ref_port = free_port(), free_port(), free_port()
+    distinct = work / "distinct.lua"
+    distinct.write_text(DISTINCT_IDS)
+    hit_url = f"http://127.0.0.1:{hit_port}/v1/videos/done_hit:openai"
+    with process(
+        proxy_cmd(up, hit_port),
+        f"http://127.0.0.1:{hit_port}/healthz",
+        env={"PROXY_POLL_COALESCE_SECONDS": "0"},
+        log=work / "proxy.log",
+    ):
+        body = httpx.get(hit_url, headers=auth).content  # MISS: stored
+        hit = httpx.get(hit_url, headers=auth)
+        assert hit.headers["x-cache-status"] == "HIT", hit.headers
+        (work / "hit.json").write_bytes(hit.content)
+        env = {
+            "BENCH_HIT_BODY": str(work / "hit.json"),
+            "BENCH_UPSTREAM": up,
+            "PYTHONPATH": str(HERE.parent.parent),
+        }
+        with process(uvicorn_cmd("tests.perf.baselines:bare", bare_port, env), f"http://127.0.0.1:{bare_port}/v1/videos/x", env=env), \
+             process(uvicorn_cmd("tests.perf.baselines:reference", ref_port, env), f"http://127.0.0.1:{ref_port}/v1/videos/x", env=env):  # fmt: skip
+            hits, passes, latency = [], [], []
+            for _ in range(rounds):
+                bare = wrk(f"http://127.0.0.1:{bare_port}/v1/videos/done_hit:openai", seconds)[
+                    "rps"
+                ]
+                mine = wrk(hit_url, seconds, headers=auth)
+                hits.append((mine["rps"], bare))
+                ref = wrk(f"http://127.0.0.1:{ref_port}/", seconds, script=distinct)["rps"]
+                through = wrk(
+                    f"http://127.0.0.1:{hit_port}/", seconds, script=distinct, headers=auth
+                )
+                passes.append((through["rps"], ref))
+                direct = wrk(f"{up}/v1/videos/video_1:openai", seconds / 2, connections=1)["p50_ms"]
+                proxied = wrk(
+                    f"http://127.0.0.1:{hit_port}/",
+                    seconds / 2,
+                    connections=1,
+                    script=distinct,
+                    headers=auth,
+                )["p50_ms"]
+                latency.append(proxied - direct)
+                print(
+                    f"  round: hit {mine['rps']:.0f} vs bare {bare:.0f}; pass-through {through['rps']:.0f} vs reference {ref:.0f}; +{proxied - direct:.3f} ms p50",
+                    file=sys.stderr,
+                )
+    results["hit_vs_bare"] = {"ratio": median_ratio(hits), "target": ">= 1.0", "runs": hits}
+    results["passthrough_vs_reference"] = {
+        "ratio": median_ratio(passes),
+        "target": ">= 0.8",
+        "runs": passes,
+    }
+    results["added_latency_p50_ms"] = {
+        "value": statistics.median(latency),
+        "target": "<= 0.5",
+        "runs": latency,
+    }
+    del body
+
+
+def bench_workers(
+    up: str, work: Path, rounds: int, seconds: float, results: dict[str, Any]
+) -> None:
+    auth = {"Authorization": "Bearer sk-bf-bench"}
+    pairs = []
+    for _ in range(rounds):
+        rps = []
+        for workers in ("1", "2"):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}/v1/videos/done_w:openai"
+            with process(
+                proxy_cmd(up, port, "--workers", workers),
+                f"http://127.0.0.1:{port}/healthz",
+                log=work / "workers.log",
+            ):
+                for _ in range(8):  # store, then memoise in every worker
+                    httpx.get(url, headers=auth)
+                rps.append(wrk(url, seconds, headers=auth)["rps"])
+        pairs.append((rps[1], rps[0]))
+    results["workers2_vs_1"] = {"ratio": median_ratio(pairs), "target": ">= 1.3", "runs": pairs}
+
+
+def bench_memory(up: str, work: Path, results: dict[str, Any]) -> None:
+    auth = {"Authorization": "Bearer sk-bf-bench"}
+    port = free_port()
+    script = work / "tenk.lua"
+    script.write_text(TEN_THOUSAND_DONE)
+    with process(
+        proxy_cmd(up, port), f"http://127.0.0.1:{port}/healthz", log=work / "memory.log"
+    ) as proc:
+        for i in range(50):  # warm up code paths and pools
+            httpx.get(f"http://127.0.0.1:{port}/v1/videos/done_warm{i}:openai", headers=auth)
+        before = rss_mib(proc)
+        wrk(f"http://127.0.0.1:{port}/", 3, script=script, headers=auth)
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        entries = float(
+            re.search(r"^bifrost_proxy_cache_entries ([\d.e+]+)", metrics, re.M).group(1)
+        )  # type: ignore[union-attr]
+        after = rss_mib(proc)
+    growth = (after - before) * 10000 / max(entries - 50, 1)
+    results["rss_per_10k_entries_mib"] = {"value": growth, "target": "<= 40", "entries": entries}
+
+    port = free_port()
+    with process(
+        proxy_cmd(up, port), f"http://127.0.0.1:{port}/healthz", log=work / "download.log"
+    ) as proc:
+        peak = [rss_mib(proc)]
+        before = peak[0]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak.append(rss_mib(proc))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        through = download(f"http://127.0.0.1:{port}/v1/videos/v:openai/content", auth)
+        stop.set()
+        sampler.join()
+    direct = download(f"{up}/v1/videos/v:openai/content", auth)
+    results["download_rss_growth_mib"] = {"value": max(peak) - before, "target": "<= 32"}
+    results["download_speed_vs_direct"] = {
+        "ratio": direct / through,
+        "target": ">= 0.5",
+        "seconds": [through, direct],
+    }
+
+
+def download(url: str, headers: dict[str, str]) -> float:
+    started = time.perf_counter()
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download}",
+            *sum((["-H", f"{k}: {v}"] for k, v in headers.items()), []),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert int(out.stdout) == DOWNLOAD_BYTES, out.stdout
+    return time.perf_counter() - started
+
+
+def bench_polls(results: dict[str, Any], jobs: int = 20, pollers: int = 10) -> None:
+    config = SimulatorConfig(queued_seconds=1.0, in_progress_seconds=2.0)
+    sim_app = create_simulator(config)
+    sim = sim_app.state.simulator
+    with serve_in_thread(sim_app, lifespan="off") as upstream:
+        port = free_port()
+        with process(
+            proxy_cmd(upstream.url, port, "--log-level", "warning"),
+            f"http://127.0.0.1:{port}/healthz",
+        ):
+            base = f"http://127.0.0.1:{port}"
+
+            async def run() -> int:
+                polls = 0
+                async with httpx.AsyncClient(
+                    base_url=base, limits=httpx.Limits(max_connections=300), timeout=30
+                ) as client:
+
+                    async def poller(vid: str) -> None:
+                        nonlocal polls
+                        while True:
+                            r = await client.get(
+                                f"/v1/videos/{vid}", headers={"Authorization": "Bearer sk-bf-bench"}
+                            )
+                            polls += 1
+                            if r.json()["status"] in ("completed", "failed"):
+                                break
+                            await asyncio.sleep(0.1)
+                        for _ in range(10):
+                            await client.get(
+                                f"/v1/videos/{vid}", headers={"Authorization": "Bearer sk-bf-bench"}
+                            )
+                            polls += 1
+                            await asyncio.sleep(0.1)
+
+                    ids = []
+                    for i in range(jobs):
+                        r = await client.post(
+                            "/v1/videos",
+                            json={"model": "openai/sora-2", "prompt": f"job {i}"},
+                            headers={"Authorization": "Bearer sk-bf-bench"},
+                        )
+                        ids.append(r.json()["id"])
+                    sim.state.reset()
+                    await asyncio.gather(*(poller(v) for v in ids for _ in range(pollers)))
+                return polls
+
+            polls = asyncio.run(run())
+            upstream_retrieves = sim.state.calls["GET"]
+    results["polls_per_upstream_retrieve"] = {
+        "ratio": polls / max(upstream_retrieves, 1),
+        "target": ">= 50",
+        "polls": polls,
+        "upstream": upstream_retrieves,
+    }
+
+
+def verdict(figure: dict[str, Any]) -> str:
+    value = figure.get("ratio", figure.get("value"))
+    op, limit = figure["target"].split()
+    ok = value >= float(limit) if op == ">=" else value <= float(limit)
+    return "met" if ok else "NOT met"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.perf")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
+    args = parser.parse_args()
+    rounds, seconds = (1, 3.0) if args.quick else (3, 5.0)
+    ensure_tools()
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bvp-bench-") as tmp:
+        work = Path(tmp)
+        with nginx(work) as up:
+            print("throughput (wrk -t1 -c32), alternating proxy and baselines…", file=sys.stderr)
+            bench_throughput(up, work, rounds, seconds, results)
+            print("workers…", file=sys.stderr)
+            bench_workers(up, work, rounds, seconds, results)
+            print("memory and downloads…", file=sys.stderr)
+            bench_memory(up, work, results)
+        print("polls (simulator, 20 jobs x 10 pollers)…", file=sys.stderr)
+        bench_polls(results)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"
+    print(f"\nbifrost-video-proxy benchmark ({machine}; {rounds} rounds x {seconds:.0f} s)\n")
+    print(f"| {'figure':<48} | {'result':>9} | {'target':>7} | verdict |")
+    print(f"|{'-' * 50}|{'-' * 11}|{'-' * 9}|---------|")
+    names = {
+        "hit_vs_bare": "cache HIT req/s ÷ bare Starlette req/s",
+        "passthrough_vs_reference": "pass-through req/s ÷ aiohttp reference proxy",
+        "added_latency_p50_ms": "added p50 latency at 1 connection (ms)",
+        "polls_per_upstream_retrieve": "client polls ÷ upstream retrieves",
+        "rss_per_10k_entries_mib": "RSS growth per 10,000 cached entries (MiB)",
+        "download_rss_growth_mib": "256 MiB download: RSS growth (MiB)",
+        "download_speed_vs_direct": "256 MiB download speed ÷ direct",
+        "workers2_vs_1": "--workers 2 HIT req/s ÷ 1 worker",
+    }
+    for key, label in names.items():
+        figure = results[key]
+        value = figure.get("ratio", figure.get("value"))
+        print(f"| {label:<48} | {value:>9.2f} | {figure['target']:>7} | {verdict(figure):<7} |")
+    results["machine"] = machine
+    results["rounds"], results["seconds"] = rounds, seconds
+    (HERE / "last_results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
