@@ -46,7 +46,7 @@ from .rewrite import canonicalize_ids, dumps, parse_json_object
 from .routes import Kind, Route, classify
 from .settings import Settings
 from .transitions import StatusTracker
-from .upstream import Upstream, UpstreamCall
+from .upstream import StreamBroken, Upstream, UpstreamCall, UpstreamResponse
 
 log = logging.getLogger("proxy")
 
@@ -419,10 +419,10 @@ class ProxyApp:
         return headers
 
     @staticmethod
-    def answer_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
+    def answer_headers(response: UpstreamResponse) -> list[tuple[bytes, bytes]]:
         return [
             (k.lower(), v)
-            for k, v in hdr.strip_hop_by_hop(response.headers.raw, also=_STRIP_FROM_ANSWER)
+            for k, v in hdr.strip_hop_by_hop(response.raw_headers, also=_STRIP_FROM_ANSWER)
         ]
 
     async def read_body(self, ex: Exchange) -> bytes:
@@ -455,19 +455,27 @@ class ProxyApp:
             f"request body is larger than max_request_bytes ({self.settings.max_request_bytes})",
         )
 
-    async def stream_body(self, ex: Exchange, done: anyio.Event) -> AsyncIterator[bytes]:
-        """The request body as it arrives, for pass-through."""
+    async def stream_body(
+        self, ex: Exchange, done: anyio.Event, failure: list[ProxyError]
+    ) -> AsyncIterator[bytes]:
+        """The request body as it arrives, for pass-through.
+
+        A failure is also put in ``failure``: the HTTP client wraps exceptions raised
+        by a body iterator in its own, and the client must still hear the real cause.
+        """
         limit = self.settings.max_request_bytes
         size = 0
         try:
             while True:
                 message = await ex.receive()
                 if message["type"] == "http.disconnect":
-                    raise ProxyError(400, "client disconnected mid-body")
+                    failure.append(ProxyError(400, "client disconnected mid-body"))
+                    raise failure[-1]
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > limit:
-                    raise self.too_large()
+                    failure.append(self.too_large())
+                    raise failure[-1]
                 if chunk:
                     yield chunk
                 if not message.get("more_body", False):
@@ -539,12 +547,12 @@ class ProxyApp:
         await ex.answer(reply.status, headers, reply.body)
 
     def fix_answer(
-        self, response: httpx.Response, raw: bytes, provider: str | None
+        self, response: UpstreamResponse, raw: bytes, provider: str | None
     ) -> tuple[bytes, dict[str, Any] | None]:
         """Canonical ids in a JSON answer; the raw bytes when nothing changes."""
-        if response.headers.get("content-encoding", "identity") != "identity":
+        if (response.header("content-encoding") or "identity") != "identity":
             return raw, None  # the upstream ignored our identity request: leave it alone
-        if "json" not in response.headers.get("content-type", "json"):
+        if "json" not in (response.header("content-type") or "json"):
             return raw, None
         doc = parse_json_object(raw)
         if doc is None or not canonicalize_ids(doc, provider, self.rules):
@@ -792,15 +800,21 @@ class ProxyApp:
         ):
             raise self.too_large()
         body_done = anyio.Event()
+        failure: list[ProxyError] = []
         has_body = declared not in (None, b"0") or ex.header(b"transfer-encoding") is not None
-        content = self.stream_body(ex, body_done) if has_body else None
+        content = self.stream_body(ex, body_done, failure) if has_body else None
         if content is None:
             body_done.set()
         call = UpstreamCall(
             ex.method, ex.raw_path, ex.scope.get("query_string", b""),
             self.forward_headers(ex), content, streaming=True, route=ex.route,
         )  # fmt: skip
-        await self.stream(ex, call, body_done)
+        try:
+            await self.stream(ex, call, body_done)
+        except ProxyError:
+            if failure:
+                raise failure[0] from None
+            raise
 
     async def stream(self, ex: Exchange, call: UpstreamCall, body_done: anyio.Event | None) -> None:
         """Forward the upstream answer chunk by chunk, as raw (undecoded) bytes.
@@ -815,7 +829,7 @@ class ProxyApp:
         try:
             headers = [
                 (k.lower(), v)
-                for k, v in hdr.strip_hop_by_hop(response.headers.raw, also=_STRIP_FROM_STREAM)
+                for k, v in hdr.strip_hop_by_hop(response.raw_headers, also=_STRIP_FROM_STREAM)
             ]
             async with anyio.create_task_group() as tg:
 
@@ -835,11 +849,11 @@ class ProxyApp:
                         await ex.send(
                             {"type": "http.response.body", "body": chunk, "more_body": True}
                         )
-                except httpx.HTTPError as exc:
+                except StreamBroken as exc:
                     # Headers are gone already: all we can do is cut the answer short
                     # (returning without the final message makes the server close the
                     # connection, so the client sees a truncated body, not a clean end).
-                    log.warning("upstream stream broke: %s", type(exc).__name__)
+                    log.warning("upstream stream broke: %s", exc.kind)
                 else:
                     await ex.send({"type": "http.response.body", "body": b""})
                 tg.cancel_scope.cancel()

@@ -37,6 +37,7 @@ class Settings:
     upstream_connect_timeout_seconds: float = 5.0
     content_timeout_seconds: float = 60.0
     upstream_max_connections: int = 512
+    upstream_client: str = "aiohttp"
     max_request_bytes: int = 64 * MiB
     max_id_length: int = 512
     allowed_providers: list[str] = field(default_factory=lambda: sorted(DEFAULT_PROVIDERS))
@@ -84,6 +85,7 @@ HELP: dict[str, str] = {
     "upstream_connect_timeout_seconds": "Time allowed to connect to the upstream; then 502.",
     "content_timeout_seconds": "Longest idle gap while streaming a content download.",
     "upstream_max_connections": "Connection pool size towards the upstream.",
+    "upstream_client": "HTTP client under the upstream seam: aiohttp (fast) or httpx.",
     "max_request_bytes": "Largest request body accepted; larger ones get 413.",
     "max_id_length": "Longest video id accepted (raw path segment), else 400.",
     "allowed_providers": 'Providers accepted in ids and list queries; ["*"] allows any.',
@@ -107,6 +109,7 @@ _CHOICES = {
     "log_level": {"debug", "info", "warning", "error", "critical"},
     "log_format": {"json", "text"},
     "cache_backend": {"memory", "redis"},
+    "upstream_client": {"aiohttp", "httpx"},
 }
 
 

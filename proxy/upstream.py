@@ -1,26 +1,32 @@
-"""The upstream (Bifrost) client: one pooled httpx client and error mapping.
+"""The upstream (Bifrost) client: one pooled client, timeouts, retry-once, error mapping.
 
-httpx's API is the seam: tests drive it through real sockets or ``MockTransport``,
-and the transport under it can be swapped for speed without touching callers.
-Every transport failure becomes a ``ProxyError`` (502 or 504 in Bifrost's
-envelope) naming the cause, never a 500.
+``Upstream`` is the seam. Under it sits aiohttp's client by default (measured: the
+pass-through throughput target is out of reach on httpx's default transport, see
+README "Performance"), or httpx (``upstream_client = "httpx"``, with any httpx
+transport, e.g. ``MockTransport`` in tests). Callers only see ``UpstreamResponse``,
+and every failure becomes a ``ProxyError`` (502/504 in Bifrost's envelope) or, once
+an answer is streaming, ``StreamBroken``: never a 500.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import aiohttp
 import anyio
 import httpx
+from yarl import URL
 
 from . import metrics
 from .errors import ProxyError
 from .settings import Settings
 
 log = logging.getLogger("proxy.upstream")
+READ_CHUNK = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -35,73 +41,158 @@ class UpstreamCall:
     route: str = "other"  # metric label: the route template
 
 
+class StreamBroken(Exception):
+    """The upstream answer broke off after it had started (kind: a metric label)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+class UpstreamResponse:
+    """An upstream answer whose body is still unread, whichever client fetched it."""
+
+    status_code: int
+    raw_headers: list[tuple[bytes, bytes]]
+
+    def header(self, name: str) -> str | None:
+        key = name.lower().encode()
+        for k, v in self.raw_headers:
+            if k.lower() == key:
+                return v.decode("latin-1")
+        return None
+
+    def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body as received (no decompression); raises StreamBroken."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+
+class _AiohttpResponse(UpstreamResponse):
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status_code = response.status
+        self.raw_headers = list(response.raw_headers)
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_chunked(READ_CHUNK):
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise StreamBroken(error_kind(exc)) from None
+
+    async def aclose(self) -> None:
+        # Fully read answers already returned their connection to the pool; anything
+        # else closes it, so an abandoned download never pins a pooled connection.
+        self._response.close()
+
+
+class _HttpxResponse(UpstreamResponse):
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status_code = response.status_code
+        self.raw_headers = list(response.headers.raw)
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise StreamBroken(error_kind(exc)) from None
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
 class Upstream:
     def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None):
         self.base = settings.upstream_url.rstrip("/")
         self.total_timeout = settings.upstream_timeout_seconds
-        self._json_timeout = httpx.Timeout(
-            settings.upstream_timeout_seconds, connect=settings.upstream_connect_timeout_seconds
-        )
-        self._stream_timeout = httpx.Timeout(
-            settings.upstream_timeout_seconds,
-            connect=settings.upstream_connect_timeout_seconds,
-            read=settings.content_timeout_seconds,
-        )
-        limits = httpx.Limits(
-            max_connections=settings.upstream_max_connections,
-            max_keepalive_connections=settings.upstream_max_connections,
-        )
-        self.client = httpx.AsyncClient(
-            transport=transport,
-            limits=limits,
-            timeout=self._json_timeout,
-            follow_redirects=False,
-            trust_env=False,
-        )
+        self._use_httpx = transport is not None or settings.upstream_client == "httpx"
+        if self._use_httpx:
+            self._httpx = httpx.AsyncClient(
+                transport=transport,
+                limits=httpx.Limits(
+                    max_connections=settings.upstream_max_connections,
+                    max_keepalive_connections=settings.upstream_max_connections,
+                ),
+                follow_redirects=False,
+                trust_env=False,
+            )
+        else:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=settings.upstream_max_connections, limit_per_host=0
+                ),
+                auto_decompress=False,  # relay bytes as sent: no double decompression
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                trust_env=False,
+            )
+        connect = settings.upstream_connect_timeout_seconds
+        self._json_timeouts = (settings.upstream_timeout_seconds, connect, None)
+        self._stream_timeouts = (None, connect, settings.content_timeout_seconds)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._use_httpx:
+            await self._httpx.aclose()
+        else:
+            await self._session.close()
 
-    def _request(self, call: UpstreamCall) -> httpx.Request:
+    def _url(self, call: UpstreamCall) -> str:
         url = self.base + call.path
         if call.query:
             url += "?" + call.query.decode("latin-1")
-        return self.client.build_request(
-            call.method,
-            url,
-            headers=call.headers,
-            content=call.content,
-            timeout=self._stream_timeout if call.streaming else self._json_timeout,
-        )
+        return url
 
-    async def open(self, call: UpstreamCall) -> httpx.Response:
+    async def _send(self, call: UpstreamCall) -> UpstreamResponse:
+        total, connect, read = self._stream_timeouts if call.streaming else self._json_timeouts
+        if self._use_httpx:
+            timeout = httpx.Timeout(total or read, connect=connect, read=read or total)
+            request = self._httpx.build_request(
+                call.method, self._url(call), headers=call.headers, content=call.content,
+                timeout=timeout,
+            )  # fmt: skip
+            sent = {name.lower() for name, _ in call.headers}
+            for default in (b"accept", b"accept-encoding", b"user-agent"):
+                if default not in sent:  # httpx's client defaults: not the caller's
+                    del request.headers[default.decode()]
+            return _HttpxResponse(await self._httpx.send(request, stream=True))
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in call.headers]
+        response = await self._session.request(
+            call.method,
+            URL(self._url(call), encoded=True),  # the path is already encoded: keep it
+            headers=headers,
+            data=call.content,
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=total, sock_connect=connect, sock_read=read),
+        )
+        return _AiohttpResponse(response)
+
+    async def open(self, call: UpstreamCall) -> UpstreamResponse:
         """Send the request; the answer's body is left unread (stream it or read it)."""
         attempts = 2 if call.retry_idempotent else 1
         started = time.perf_counter()
         for attempt in range(attempts):
             try:
-                response = await self.client.send(self._request(call), stream=True)
-            except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+                response = await self._send(call)
+            except (TimeoutError, httpx.HTTPError, aiohttp.ClientError) as exc:
                 # A pooled keep-alive connection the server had already closed fails
                 # before any byte is received: safe to retry once for GET.
-                if attempt + 1 < attempts:
+                if attempt + 1 < attempts and error_kind(exc) != "timeout":
                     log.debug("retrying %s after %s", call.method, type(exc).__name__)
                     continue
-                raise self._failed(call, exc) from None
-            except httpx.HTTPError as exc:
-                raise self._failed(call, exc) from None
+                metrics.UPSTREAM_ERRORS.labels(call.route, error_kind(exc)).inc()
+                raise map_error(error_kind(exc), exc) from None
             metrics.UPSTREAM_DURATION.labels(
                 call.route, call.method, str(response.status_code)
             ).observe(time.perf_counter() - started)
             return response
         raise AssertionError("unreachable")  # pragma: no cover
 
-    @staticmethod
-    def _failed(call: UpstreamCall, exc: httpx.HTTPError) -> ProxyError:
-        metrics.UPSTREAM_ERRORS.labels(call.route, error_kind(exc)).inc()
-        return map_error(exc)
-
-    async def fetch(self, call: UpstreamCall, max_bytes: int) -> tuple[httpx.Response, bytes]:
+    async def fetch(self, call: UpstreamCall, max_bytes: int) -> tuple[UpstreamResponse, bytes]:
         """Send and read the whole (raw, undecoded) body within the total timeout."""
         try:
             with anyio.fail_after(self.total_timeout):
@@ -113,12 +204,13 @@ class Upstream:
         except TimeoutError:
             metrics.UPSTREAM_ERRORS.labels(call.route, "timeout").inc()
             raise ProxyError(504, "upstream timed out") from None
-        except httpx.HTTPError as exc:  # while reading the body
-            raise self._failed(call, exc) from None
+        except StreamBroken as exc:  # while reading the body
+            metrics.UPSTREAM_ERRORS.labels(call.route, exc.kind).inc()
+            raise map_error(exc.kind, exc) from None
         return response, body
 
 
-async def read_raw(response: httpx.Response, max_bytes: int) -> bytes:
+async def read_raw(response: UpstreamResponse, max_bytes: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.aiter_raw():
@@ -131,15 +223,16 @@ async def read_raw(response: httpx.Response, max_bytes: int) -> bytes:
 
 def error_kind(exc: BaseException) -> str:
     """Metric label for a transport failure: connect, timeout or protocol."""
-    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
-        return "timeout"
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
         return "connect"
+    if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
+        return "connect"
+    if isinstance(exc, (httpx.TimeoutException, asyncio.TimeoutError)):
+        return "timeout"
     return "protocol"
 
 
-def map_error(exc: httpx.HTTPError) -> ProxyError:
-    kind = error_kind(exc)
+def map_error(kind: str, exc: BaseException) -> ProxyError:
     if kind == "timeout":
         return ProxyError(504, f"upstream timed out ({type(exc).__name__})")
     if kind == "connect":
