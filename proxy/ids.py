@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
 # Providers named in the upstream contract (video-capable and otherwise known).
@@ -50,11 +50,11 @@ class IdRules:
 class VideoId:
     native: str  # fully decoded provider-native id, e.g. "models/veo/operations/abc"
     provider: str  # lower-cased, aliases applied
+    # ``PathEscape(native):provider``, exactly as Bifrost spells its own ids.
+    canonical: str = field(init=False, compare=False)
 
-    @property
-    def canonical(self) -> str:
-        """``PathEscape(native):provider``, exactly as Bifrost spells its own ids."""
-        return f"{go_path_escape(self.native)}:{self.provider}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "canonical", f"{go_path_escape(self.native)}:{self.provider}")
 
     @property
     def upstream_segment(self) -> str:

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
-import anyio
 import httpx
 from yarl import URL
 
@@ -194,8 +193,11 @@ class Upstream:
 
     async def fetch(self, call: UpstreamCall, max_bytes: int) -> tuple[UpstreamResponse, bytes]:
         """Send and read the whole (raw, undecoded) body within the total timeout."""
+        # aiohttp's ClientTimeout(total=…) already bounds the whole exchange; httpx's
+        # timeouts are per operation, so bound it here.
+        deadline = self.total_timeout if self._use_httpx else None
         try:
-            with anyio.fail_after(self.total_timeout):
+            async with asyncio.timeout(deadline):
                 response = await self.open(call)
                 try:
                     body = await read_raw(response, max_bytes)
