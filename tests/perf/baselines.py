@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import aiohttp
 from starlette.applications import Starlette
@@ -14,7 +15,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-BODY = open(os.environ["BENCH_HIT_BODY"], "rb").read() if "BENCH_HIT_BODY" in os.environ else b"{}"
+_BODY_FILE = os.environ.get("BENCH_HIT_BODY")
+BODY = Path(_BODY_FILE).read_bytes() if _BODY_FILE else b"{}"
 UPSTREAM = os.environ.get("BENCH_UPSTREAM", "http://127.0.0.1:8080")
 
 
