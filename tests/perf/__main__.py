@@ -355,7 +355,7 @@ def download(url: str, headers: dict[str, str]) -> float:
             "/dev/null",
             "-w",
             "%{size_download}",
-            *sum((["-H", f"{k}: {v}"] for k, v in headers.items()), []),
+            *[part for k, v in headers.items() for part in ("-H", f"{k}: {v}")],
             url,
         ],
         capture_output=True,
