@@ -1,0 +1,129 @@
+"""Property tests (hypothesis): id canonicalisation and arbitrary requests.
+
+Requests go in-process (httpx ASGITransport) to a ProxyApp whose upstream is an
+httpx MockTransport that records every call, so thousands of random inputs run
+in seconds; the socket-level behaviour is covered by the end-to-end suites.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from urllib.parse import quote, unquote
+
+import httpx
+import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.app import ProxyApp
+from proxy.ids import IdRules, InvalidVideoId, go_path_escape, parse_segment
+from tests.conftest import make_settings
+
+RULES = IdRules()
+PROVIDERS = st.sampled_from(["openai", "gemini", "runway", "OpenAI", "GEMINI", "azure"])
+NATIVE = st.text(st.characters(blacklist_categories=["Cs", "Cc"]), min_size=1, max_size=40)
+
+
+@given(native=NATIVE, provider=PROVIDERS)
+def test_encodings_of_one_id_map_to_one_canonical_id(native: str, provider: str) -> None:
+    try:
+        once = parse_segment(f"{go_path_escape(native)}:{provider}", RULES)
+    except InvalidVideoId:
+        return  # e.g. a dot-segment native: rejected in every form
+    canonical = once.canonical
+    forms = [
+        quote(canonical, safe="$&+:=@"),  # double-encoded, as the OpenAI SDK sends it
+        canonical.replace(":", "%3A", 1),
+        canonical.rpartition(":")[0] + ":" + provider.upper(),
+    ]
+    for form in forms:
+        assert parse_segment(form, RULES).canonical == canonical, form
+    assert parse_segment(canonical, RULES).canonical == canonical  # idempotent
+
+
+@given(raw=st.text(max_size=80))
+def test_canonical_of_canonical_is_canonical(raw: str) -> None:
+    try:
+        canonical = parse_segment(quote(raw, safe=":%"), RULES).canonical
+    except InvalidVideoId:
+        return
+    assert parse_segment(canonical, RULES).canonical == canonical
+    segment = parse_segment(canonical, RULES).upstream_segment
+    assert "/" not in segment and unquote(segment) == canonical
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.paths.append(request.url.raw_path.decode().split("?")[0])
+        return httpx.Response(
+            200, json={"id": "video_1:openai", "object": "video", "status": "queued"}
+        )
+
+
+SEGMENT = st.text(
+    st.characters(min_codepoint=0x21, max_codepoint=0x7E, blacklist_characters="/?#"), max_size=20
+)
+PATHS = st.one_of(
+    st.lists(SEGMENT, max_size=6).map(lambda s: "/" + "/".join(s)),
+    st.tuples(
+        st.sampled_from(["/v1/videos/", "/openai/v1/videos/"]),
+        SEGMENT,
+        st.sampled_from(["", "/content", "/remix", "/x", "/../api"]),
+    ).map("".join),
+)
+METHODS = st.sampled_from(["GET", "POST", "DELETE", "PUT", "PATCH"])
+HEADER_VALUES = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=30)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    method=METHODS,
+    path=PATHS,
+    query=st.text(
+        st.characters(min_codepoint=0x21, max_codepoint=0x7E, blacklist_characters="#"), max_size=30
+    ),
+    auth=HEADER_VALUES,
+    body=st.binary(max_size=64),
+)
+def test_random_requests_never_5xx_and_never_leave_the_video_routes(
+    method: str, path: str, query: str, auth: str, body: bytes
+) -> None:
+    recorder = Recorder()
+    app = ProxyApp(
+        make_settings("http://bifrost.test", upstream_client="httpx"),
+        transport=httpx.MockTransport(recorder),
+    )
+
+    async def go() -> httpx.Response:
+        async with app.running():
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://proxy.test"
+            ) as client:
+                request = client.build_request(
+                    method, "http://proxy.test/", content=body, headers={"authorization": auth}
+                )
+                request.url = request.url.copy_with(
+                    raw_path=(path + ("?" + query if query else "")).encode()
+                )
+                return await client.send(request)
+
+    response = asyncio.run(go())
+    proxied = bool(recorder.paths)
+    if not proxied:
+        assert 400 <= response.status_code < 500, (path, response.status_code, response.text)
+        envelope: dict[str, Any] = orjson.loads(response.content)
+        assert envelope["status_code"] == response.status_code and envelope["error"]["message"]
+    else:
+        assert response.status_code < 500, (path, response.text)
+    for sent in recorder.paths:
+        assert not sent.startswith("/api"), sent
+        segments = sent.split("/")
+        assert ".." not in [unquote(unquote(s)) for s in segments]
+        if sent.startswith(("/v1/videos/", "/openai/v1/videos/")):
+            tail = sent.split("/videos/", 1)[1].split("/")
+            assert len(tail) <= 2 and (len(tail) == 1 or tail[1] in ("content", "remix")), sent
