@@ -438,6 +438,16 @@ class ProxyApp:
             for k, v in hdr.strip_hop_by_hop(response.raw_headers, also=_STRIP_FROM_ANSWER)
         ]
 
+    async def receive_body(self, ex: Exchange) -> Message:
+        """The next request-body message, within client_body_timeout_seconds."""
+        try:
+            async with asyncio.timeout(self.settings.client_body_timeout_seconds):
+                return await ex.receive()
+        except TimeoutError:
+            raise ProxyError(
+                408, "request body not received in time (client_body_timeout_seconds)"
+            ) from None
+
     async def read_body(self, ex: Exchange) -> bytes:
         """The whole request body, refusing with 413 past ``max_request_bytes``."""
         limit = self.settings.max_request_bytes
@@ -451,7 +461,7 @@ class ProxyApp:
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await ex.receive()
+            message = await self.receive_body(ex)
             if message["type"] == "http.disconnect":
                 raise ProxyError(400, "client disconnected before sending the whole body")
             chunk = message.get("body", b"")
@@ -480,7 +490,11 @@ class ProxyApp:
         size = 0
         try:
             while True:
-                message = await ex.receive()
+                try:
+                    message = await self.receive_body(ex)
+                except ProxyError as exc:
+                    failure.append(exc)
+                    raise
                 if message["type"] == "http.disconnect":
                     failure.append(ProxyError(400, "client disconnected mid-body"))
                     raise failure[-1]
@@ -725,7 +739,7 @@ class ProxyApp:
 
         async def receive() -> Message:
             nonlocal seen
-            message = await ex.receive()
+            message = await self.receive_body(ex)
             seen += len(message.get("body", b""))
             if seen > limit:
                 raise self.too_large()

@@ -365,3 +365,26 @@ def test_content_download_stops_when_client_hangs_up(make_proxy: Any, upstream: 
     # The proxy keeps serving; the aborted download did not pin the pool.
     for _ in range(3):
         assert httpx.get(f"{base}/v1/videos/{vid}", headers=ALICE).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/videos", "/v1/chat/completions"])
+def test_stalled_request_body_is_408(make_proxy: Any, upstream: Upstream, path: str) -> None:
+    import socket
+
+    base = make_proxy(client_body_timeout_seconds=0.3)
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n".encode()
+            + b'{"prompt"'
+        )
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 408"), data[:200]
+    assert b"client_body_timeout_seconds" in data
+    assert upstream.sim.state.requests == []  # nothing complete ever reached the upstream
+    assert httpx.get(f"{base}/healthz").status_code == 200
