@@ -34,6 +34,8 @@ from .errors import ProxyError
 from .ids import IdRules, InvalidVideoId, VideoId, normalize_provider, parse_decoded, parse_segment
 from .multipart import to_json_body
 from .policy import (
+    CREDENTIAL_HEADERS,
+    EXTRA_HEADER_PREFIX,
     CacheLimits,
     EntryKind,
     RequestDirectives,
@@ -68,10 +70,6 @@ VARIANTS = ("video", "thumbnail", "spritesheet")
 HIT_ROUTES = ("/v1/videos/{video_id}", "/openai/v1/videos/{video_id}")
 HOT_MAX = 16384  # memoised hit answers (references to live cache entries)
 FLUSH_SECONDS = 1.0
-_HOT_CREDENTIALS = frozenset(
-    {b"authorization", b"x-api-key", b"x-goog-api-key", b"x-bf-vk", b"x-bf-api-key",
-     b"x-bf-api-key-id"}
-)  # fmt: skip
 
 
 def hot_key(scope: Scope) -> tuple[bytes, bytes] | None:
@@ -81,7 +79,7 @@ def hot_key(scope: Scope) -> tuple[bytes, bytes] | None:
         return None
     creds = b""
     for name, value in scope["headers"]:
-        if name in _HOT_CREDENTIALS or name.startswith(b"x-bf-eh-"):
+        if name in CREDENTIAL_HEADERS or name.startswith(EXTRA_HEADER_PREFIX):
             creds += name + b"\x00" + value + b"\x01"
         elif name == b"cache-control":
             return None
@@ -551,19 +549,6 @@ class ProxyApp:
         except Exception:  # metrics must never fail a request
             log.exception("status tracking failed")
 
-    async def json_call(
-        self,
-        ex: Exchange,
-        path: str,
-        provider: str | None,
-        *,
-        query: bytes = b"",
-        body: bytes | None = None,
-        retry: bool = False,
-    ) -> None:
-        reply, _ = await self.call_json(ex, path, provider, query=query, body=body, retry=retry)
-        await self.send_reply(ex, reply)
-
     async def send_reply(self, ex: Exchange, reply: Reply) -> None:
         headers = list(reply.headers)
         if ex.cache:
@@ -773,9 +758,10 @@ class ProxyApp:
         elif provider is not None:
             provider = self.check_list_param("provider", provider)
         ex.provider = provider or ""
-        await self.json_call(
+        reply, _ = await self.call_json(
             ex, route.prefix, provider or None, query=urlencode(out).encode(), retry=True
         )
+        await self.send_reply(ex, reply)
 
     def check_list_param(self, key: str, value: str) -> str:
         """Validate one list query value; return it in the form sent upstream."""
