@@ -16,6 +16,7 @@ import logging
 import secrets
 import signal
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -88,10 +89,14 @@ def hot_key(scope: Scope) -> tuple[bytes, bytes] | None:
 
 @dataclass(frozen=True, slots=True)
 class HotHit:
-    """A memoised HIT: the cache key and entry it stands for, headers ready to send."""
+    """A memoised HIT: the cache key and entry it stands for, headers ready to send.
+
+    The entry is held weakly: once the store lets go of it (delete, purge, eviction,
+    expiry, refresh) the memo must not keep it, or its memory, alive.
+    """
 
     key: str
-    entry: Entry
+    entry_ref: weakref.ref[Entry]
     route: int  # index into HIT_ROUTES
     provider: str
     headers: list[tuple[bytes, bytes]]
@@ -307,10 +312,10 @@ class ProxyApp:
         """The cache-hit fast path: no routing, no parsing, precomputed bytes."""
         started = time.perf_counter()
         assert self.cache is not None
-        entry = hot.entry
+        entry = hot.entry_ref()
         now = self.clock()
-        if self.cache.get_nowait(hot.key) is not entry or not now < entry.deadline:
-            del self.hot[hot_key(scope)]  # type: ignore[arg-type]
+        if entry is None or self.cache.get_nowait(hot.key) is not entry or not now < entry.deadline:
+            self.hot.pop(hot_key(scope), None)  # type: ignore[arg-type]
             return False  # deleted, evicted, refreshed or expired: the slow path decides
         request_id = hdr.get(scope["headers"], b"x-request-id")
         rid = _request_id(request_id)
@@ -345,7 +350,15 @@ class ProxyApp:
             (b"x-cache-status", b"HIT"),
             (b"content-length", str(len(entry.body)).encode()),
         ]
-        self.hot[hk] = HotHit(key, entry, HIT_ROUTES.index(route.template), ex.provider, headers)
+        hot = self.hot
+
+        def forget(ref: weakref.ref[Entry], hk: tuple[bytes, bytes] = hk) -> None:
+            slot = hot.get(hk)
+            if slot is not None and slot.entry_ref is ref:
+                del hot[hk]
+
+        ref = weakref.ref(entry, forget)
+        hot[hk] = HotHit(key, ref, HIT_ROUTES.index(route.template), ex.provider, headers)
 
     def observe(self, ex: Exchange) -> None:
         """Metrics and the access log line for a finished request."""

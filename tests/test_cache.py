@@ -162,8 +162,10 @@ def test_delete_invalidates_every_tenant_and_family(proxy: ProxyURL, upstream: U
     for family in ("", "/openai"):
         get(proxy, vid, family=family)
         assert get(proxy, vid, family=family).headers["x-cache-status"] == "HIT"
+    assert proxy.app.hot  # both families memoised for the fast path
     r = httpx.delete(f"{proxy}/v1/videos/{vid}", headers=ALICE)
     assert r.status_code == 200
+    assert not proxy.app.hot  # the memo let go with the store: nothing kept alive
     for family in ("", "/openai"):
         r = get(proxy, vid, family=family)
         assert (r.status_code, r.headers["x-cache-status"]) == (404, "MISS")

@@ -10,7 +10,7 @@ import orjson
 from ..policy import EntryKind
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Entry:
     """A stored retrieve answer, with the bytes to send precomputed at store time."""
 
