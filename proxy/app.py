@@ -528,14 +528,20 @@ class ProxyApp:
         path: str,
         provider: str | None,
         *,
-        query: bytes = b"",
+        query: bytes | None = None,
         body: bytes | None = None,
         retry: bool = False,
         drop: frozenset[bytes] = frozenset(),
         extra: list[tuple[bytes, bytes]] | None = None,
     ) -> tuple[Reply, dict[str, Any] | None]:
-        """One upstream JSON call; the answer with canonical ids, and its parsed body."""
+        """One upstream JSON call; the answer with canonical ids, and its parsed body.
+
+        The query string goes upstream as the client sent it unless ``query`` replaces
+        it (list, whose parameters are validated and normalised).
+        """
         assert self.upstream is not None
+        if query is None:
+            query = ex.scope.get("query_string", b"")
         # No Accept-Encoding: JSON answers come back plain, ready to parse and cache.
         headers = self.forward_headers(ex, drop=drop | {b"accept-encoding"})
         headers.extend(extra or ())
@@ -593,6 +599,9 @@ class ProxyApp:
         key = cache_key(
             route.family, video.canonical, tenant_fingerprint(ex.scope["headers"], self.secret)
         )
+        query = ex.scope.get("query_string", b"")
+        if query:  # Bifrost's retrieve takes none; if one is sent, it gets its own entry
+            key += "?" + query.decode("latin-1")
         path = f"{route.prefix}/{video.upstream_segment}"
         if directives.bypass:
             ex.cache = "BYPASS"

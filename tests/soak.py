@@ -98,7 +98,18 @@ class Soak:
 
 
 def snapshot(proc: psutil.Process) -> tuple[float, int]:
-    return proc.memory_info().rss / 2**20, proc.num_fds()
+    """RSS and descriptors once idle keep-alive connections have expired (uvicorn 5 s,
+    aiohttp's pool 15 s) and the descriptor count has held still for 2 s, so both
+    readings are taken in the same quiet state."""
+    time.sleep(16)
+    fds, steady_since = proc.num_fds(), time.monotonic()
+    deadline = time.monotonic() + 30
+    while time.monotonic() - steady_since < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = proc.num_fds()
+        if now != fds:
+            fds, steady_since = now, time.monotonic()
+    return proc.memory_info().rss / 2**20, fds
 
 
 async def drive(soak: Soak, seconds: float, workers: int) -> None:

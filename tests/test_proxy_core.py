@@ -388,3 +388,19 @@ def test_stalled_request_body_is_408(make_proxy: Any, upstream: Upstream, path: 
     assert b"client_body_timeout_seconds" in data
     assert upstream.sim.state.requests == []  # nothing complete ever reached the upstream
     assert httpx.get(f"{base}/healthz").status_code == 200
+
+
+def test_query_strings_are_forwarded_on_every_video_route(proxy: str, upstream: Upstream) -> None:
+    vid = create(proxy)["id"]
+    httpx.post(
+        f"{proxy}/v1/videos?trace=1", json={"model": "openai/sora-2", "prompt": "x"}, headers=ALICE
+    )
+    assert upstream.sim.state.requests[-1].query == "trace=1"
+    r = httpx.get(f"{proxy}/v1/videos/{vid}?trace=2", headers=ALICE)
+    assert r.status_code == 200 and upstream.sim.state.requests[-1].query == "trace=2"
+    # A retrieve with a query never shares an entry with a plain one.
+    assert httpx.get(f"{proxy}/v1/videos/{vid}", headers=ALICE).headers["x-cache-status"] == "MISS"
+    httpx.post(f"{proxy}/v1/videos/{vid}/remix?trace=3", json={"prompt": "y"}, headers=ALICE)
+    assert upstream.sim.state.requests[-1].query == "trace=3"
+    httpx.delete(f"{proxy}/v1/videos/{vid}?trace=4", headers=ALICE)
+    assert upstream.sim.state.requests[-1].query == "trace=4"
