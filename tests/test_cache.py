@@ -270,3 +270,23 @@ def test_repeated_hits_keep_every_guarantee(proxy: ProxyURL, upstream: Upstream)
     assert get(proxy, vid, BOB).status_code == 404  # other credentials never match the memo
     upstream.clock.advance(4000)  # past expires_at
     assert get(proxy, vid).headers["x-cache-status"] == "MISS"
+
+
+def test_fifty_mib_json_answer_passes_unstored(proxy: ProxyURL, upstream: Upstream) -> None:
+    big = orjson.dumps(
+        {
+            "id": "v:openai",
+            "object": "video",
+            "status": "completed",
+            "prompt": "x" * (50 * 1024 * 1024),
+        }
+    )
+    for _ in range(2):
+        upstream.sim.state.faults.append({"status": 200, "body": big, "headers": JSON})
+        r = get(proxy, "v:openai")
+        assert (
+            r.status_code == 200
+            and len(r.content) == len(big)
+            and r.headers["x-cache-status"] == "MISS"
+        )
+    assert proxy.app.cache.stats() == (0, 0)  # type: ignore[union-attr]

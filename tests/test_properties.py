@@ -127,3 +127,81 @@ def test_random_requests_never_5xx_and_never_leave_the_video_routes(
         if sent.startswith(("/v1/videos/", "/openai/v1/videos/")):
             tail = sent.split("/videos/", 1)[1].split("/")
             assert len(tail) <= 2 and (len(tail) == 1 or tail[1] in ("content", "remix")), sent
+
+
+ACTIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "b", "c"]),
+        st.sampled_from(["create", "retrieve", "poll_other", "list", "delete", "advance"]),
+        st.integers(0, 7),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(actions=ACTIONS)
+def test_no_answer_ever_contains_another_tenants_job(actions: list[tuple[str, str, int]]) -> None:
+    from proxy.simulator.app import SimulatorConfig, create_simulator
+    from tests.conftest import FakeClock
+
+    clock = FakeClock()
+    sim = create_simulator(SimulatorConfig(queued_seconds=1, in_progress_seconds=1, clock=clock))
+    app = ProxyApp(
+        make_settings("http://bifrost.test", upstream_client="httpx"),
+        transport=httpx.ASGITransport(app=sim),
+        clock=clock,
+    )
+    owned: dict[str, set[str]] = {"a": set(), "b": set(), "c": set()}
+    seen_ids: list[str] = []
+
+    def ids_in(doc: Any) -> set[str]:
+        if not isinstance(doc, dict):
+            return set()
+        found = (
+            {doc["id"]}
+            if isinstance(doc.get("id"), str) and doc.get("object") == "video"
+            else set()
+        )
+        for item in doc.get("data") or []:
+            found |= ids_in(item)
+        return found
+
+    async def go() -> None:
+        async with (
+            app.running(),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://proxy.test"
+            ) as client,
+        ):
+            for tenant, action, n in actions:
+                headers = {"authorization": f"Bearer sk-bf-{tenant}"}
+                if action == "create":
+                    r = await client.post(
+                        "/v1/videos",
+                        json={"model": "openai/sora-2", "prompt": "x"},
+                        headers=headers,
+                    )
+                    owned[tenant].add(r.json()["id"])
+                    seen_ids.append(r.json()["id"])
+                    continue
+                if action == "advance":
+                    clock.advance(1.5)
+                    continue
+                if action == "list":
+                    r = await client.get("/v1/videos?provider=openai", headers=headers)
+                elif not seen_ids:
+                    continue
+                else:
+                    vid = seen_ids[n % len(seen_ids)]
+                    method = "DELETE" if action == "delete" else "GET"
+                    r = await client.request(method, f"/v1/videos/{vid}", headers=headers)
+                    if action == "delete" and r.status_code == 200:
+                        owned[tenant].discard(vid)
+                        continue
+                assert r.status_code < 500
+                leaked = ids_in(r.json()) - owned[tenant]
+                assert not leaked, (tenant, action, leaked)
+
+    asyncio.run(go())

@@ -404,3 +404,20 @@ def test_query_strings_are_forwarded_on_every_video_route(proxy: str, upstream: 
     assert upstream.sim.state.requests[-1].query == "trace=3"
     httpx.delete(f"{proxy}/v1/videos/{vid}?trace=4", headers=ALICE)
     assert upstream.sim.state.requests[-1].query == "trace=4"
+
+
+def test_readyz_is_503_once_sigterm_arrives(make_proxy: Any) -> None:
+    """The app flags draining on SIGTERM and chains to the server's own handler."""
+    base = make_proxy()
+    app = base.app
+    assert httpx.get(f"{base}/readyz").status_code == 200
+    chained: list[int] = []
+    original = signal.signal(signal.SIGTERM, lambda signum, frame: chained.append(signum))
+    try:
+        app._watch_sigterm()  # what lifespan startup does in the server's main thread
+        signal.raise_signal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, original)
+    assert chained == [signal.SIGTERM]
+    assert_envelope(httpx.get(f"{base}/readyz"), 503, "draining")
+    assert httpx.get(f"{base}/healthz").status_code == 200
