@@ -19,6 +19,7 @@ from prometheus_client import start_http_server
 
 from . import __version__, logs, metrics
 from .app import ProxyApp
+from .protocol import GuardedHttpToolsProtocol
 from .settings import HELP, Settings, SettingsError, load
 
 # CLI flag → setting name. Every flag is also settable as PROXY_<NAME>.
@@ -59,6 +60,7 @@ def create_app() -> ProxyApp:
     """uvicorn factory: each worker builds its app from the environment."""
     settings = load()
     logs.configure(settings.log_level, settings.log_format)
+    GuardedHttpToolsProtocol.header_timeout = settings.client_header_timeout_seconds
     return ProxyApp(settings)
 
 
@@ -127,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None,
         server_header=False,
+        http=GuardedHttpToolsProtocol,
         proxy_headers=False,  # the app appends the real peer to X-Forwarded-For itself
         date_header=False,
     )

@@ -40,6 +40,7 @@ class Settings:
     upstream_client: str = "aiohttp"
     max_request_bytes: int = 64 * MiB
     client_body_timeout_seconds: float = 30.0
+    client_header_timeout_seconds: float = 30.0
     max_id_length: int = 512
     allowed_providers: list[str] = field(default_factory=lambda: sorted(DEFAULT_PROVIDERS))
     provider_aliases: dict[str, str] = field(default_factory=dict)
@@ -89,6 +90,7 @@ HELP: dict[str, str] = {
     "upstream_client": "HTTP client under the upstream seam: aiohttp (fast) or httpx.",
     "max_request_bytes": "Largest request body accepted; larger ones get 413.",
     "client_body_timeout_seconds": "Longest wait for the next piece of a request body; then 408.",
+    "client_header_timeout_seconds": "Longest wait for a request's complete headers; then 408.",
     "max_id_length": "Longest video id accepted (raw path segment), else 400.",
     "allowed_providers": 'Providers accepted in ids and list queries; ["*"] allows any.',
     "provider_aliases": 'Provider renames applied before validation, e.g. {google = "gemini"}.',
@@ -214,7 +216,7 @@ def validate(s: Settings) -> None:
     positive = (
         "upstream_timeout_seconds", "upstream_connect_timeout_seconds",
         "content_timeout_seconds", "redis_timeout_seconds", "max_ttl_seconds",
-        "client_body_timeout_seconds",
+        "client_body_timeout_seconds", "client_header_timeout_seconds",
         "max_request_bytes", "max_id_length", "cache_max_bytes",
         "cache_max_entry_bytes", "upstream_max_connections",
     )  # fmt: skip

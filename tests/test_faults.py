@@ -148,3 +148,28 @@ def test_sigterm_lets_a_running_download_finish(chaos: Chaos, tmp_path: Any) -> 
         thread.join(30)
         assert b"".join(received) == chaos.body  # finished, not cut
         assert proc.process.wait(30) == 0
+
+
+def test_slow_headers_get_408_and_close(upstream: Any, tmp_path: Any) -> None:
+    import socket
+    import time
+
+    from tests.servers import run_proxy
+
+    env = {"PROXY_CLIENT_HEADER_TIMEOUT_SECONDS": "0.5"}
+    with run_proxy(upstream.url, env=env, tmp_path=tmp_path) as proc:
+        for prelude in (
+            b"",
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        ):  # first request, and a later one
+            with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as s:
+                s.sendall(prelude + b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
+                started = time.monotonic()
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            assert b"HTTP/1.1 408" in data and b"client_header_timeout_seconds" in data
+            assert time.monotonic() - started < 5
+        with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
