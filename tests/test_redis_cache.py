@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import Upstream
 from tests.redis_server import RedisServer, redis_server
-from tests.servers import run_proxy
+from tests.servers import ProxyProcess, run_proxy
 from tests.test_proxy_core import ALICE, create
 
 
@@ -39,47 +39,54 @@ def status(base: str, vid: str) -> tuple[int, str]:
     return r.status_code, r.headers.get("x-cache-status", "")
 
 
-def test_two_replicas_share_entries(redis: RedisServer, upstream: Upstream, tmp_path: Any) -> None:
+@pytest.fixture
+def replicas(
+    redis: RedisServer, upstream: Upstream, tmp_path: Any
+) -> Iterator[tuple[ProxyProcess, ProxyProcess]]:
+    """Two proxy processes sharing one Redis and one cache_key_secret."""
     env = redis_env(redis)
     with (
         run_proxy(upstream.url, env=env, tmp_path=tmp_path) as a,
         run_proxy(upstream.url, env=env, tmp_path=tmp_path) as b,
     ):
-        vid = create(a.url)["id"]
-        upstream.clock.advance(31)
-        assert status(a.url, vid) == (200, "MISS")
-        calls = upstream.calls
-        assert status(b.url, vid) == (200, "HIT")
-        assert status(a.url, vid) == (200, "HIT")
-        assert upstream.calls == calls
-        # DELETE on one replica invalidates the other's view too.
-        assert httpx.delete(f"{b.url}/v1/videos/{vid}", headers=ALICE).status_code == 200
-        assert status(a.url, vid) == (404, "MISS")
+        yield a, b
+
+
+def test_two_replicas_share_entries(
+    replicas: tuple[ProxyProcess, ProxyProcess], upstream: Upstream
+) -> None:
+    a, b = replicas
+    vid = create(a.url)["id"]
+    upstream.clock.advance(31)
+    assert status(a.url, vid) == (200, "MISS")
+    calls = upstream.calls
+    assert status(b.url, vid) == (200, "HIT")
+    assert status(a.url, vid) == (200, "HIT")
+    assert upstream.calls == calls
+    # DELETE on one replica invalidates the other's view too.
+    assert httpx.delete(f"{b.url}/v1/videos/{vid}", headers=ALICE).status_code == 200
+    assert status(a.url, vid) == (404, "MISS")
 
 
 def test_hundred_concurrent_polls_across_replicas_make_one_call(
-    redis: RedisServer, upstream: Upstream, tmp_path: Any
+    replicas: tuple[ProxyProcess, ProxyProcess], upstream: Upstream
 ) -> None:
-    env = redis_env(redis)
-    with (
-        run_proxy(upstream.url, env=env, tmp_path=tmp_path) as a,
-        run_proxy(upstream.url, env=env, tmp_path=tmp_path) as b,
-    ):
-        vid = create(a.url)["id"]
-        upstream.clock.advance(31)
-        calls = upstream.calls
-        upstream.sim.state.faults.append({"delay": 0.5})
+    a, b = replicas
+    vid = create(a.url)["id"]
+    upstream.clock.advance(31)
+    calls = upstream.calls
+    upstream.sim.state.faults.append({"delay": 0.5})
 
-        async def burst() -> list[httpx.Response]:
-            async with httpx.AsyncClient(
-                headers=ALICE, limits=httpx.Limits(max_connections=200), timeout=10
-            ) as client:
-                urls = [f"{(a if i % 2 else b).url}/v1/videos/{vid}" for i in range(100)]
-                return await asyncio.gather(*(client.get(u) for u in urls))
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(
+            headers=ALICE, limits=httpx.Limits(max_connections=200), timeout=10
+        ) as client:
+            urls = [f"{(a if i % 2 else b).url}/v1/videos/{vid}" for i in range(100)]
+            return await asyncio.gather(*(client.get(u) for u in urls))
 
-        answers = asyncio.run(burst())
-        assert {r.status_code for r in answers} == {200}
-        assert upstream.calls == calls + 1
+    answers = asyncio.run(burst())
+    assert {r.status_code for r in answers} == {200}
+    assert upstream.calls == calls + 1
 
 
 def test_redis_outage_serves_from_upstream_and_recovers(
