@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import anyio
+import anyio.lowlevel
 import httpx
 from starlette.requests import Request
 
@@ -68,21 +69,28 @@ _STRIP_FROM_STREAM = frozenset({b"x-request-id"})
 # Upstream JSON answers are read whole; anything larger is refused with 502.
 MAX_JSON_ANSWER_BYTES = 256 * 1024 * 1024
 VARIANTS = ("video", "thumbnail", "spritesheet")
+# Video routes whose upstream request never carries a body (see ``refuse_body``).
+_BODILESS = frozenset({Kind.RETRIEVE, Kind.LIST, Kind.CONTENT, Kind.DELETE})
 HIT_ROUTES = ("/v1/videos/{video_id}", "/openai/v1/videos/{video_id}")
 HOT_MAX = 16384  # memoised hit answers (references to live cache entries)
 FLUSH_SECONDS = 1.0
 
 
+# A GET carrying any of these takes the slow path: Cache-Control may ask to bypass the
+# cache, and a body (refused on GET) must get the same answer whether cached or not.
+_SLOW_PATH_HEADERS = frozenset({b"cache-control", b"content-length", b"transfer-encoding"})
+
+
 def hot_key(scope: Scope) -> tuple[bytes, bytes] | None:
     """(raw path, credential headers) of a plain GET, or None if it must take the slow
-    path (a query string, or Cache-Control that may ask to bypass the cache)."""
+    path (a query string, or a header in ``_SLOW_PATH_HEADERS``)."""
     if scope["query_string"]:
         return None
     creds = b""
     for name, value in scope["headers"]:
         if name in CREDENTIAL_HEADERS or name.startswith(EXTRA_HEADER_PREFIX):
             creds += name + b"\x00" + value + b"\x01"
-        elif name == b"cache-control":
+        elif name in _SLOW_PATH_HEADERS:
             return None
     return scope.get("raw_path") or scope["path"].encode(), creds
 
@@ -112,6 +120,9 @@ class Exchange:
     method: str
     raw_path: str
     request_id: str
+    # The headers as they were before any body was read: a server that appends a
+    # chunked body's trailer fields to the scope's list must not add headers later.
+    headers: list[tuple[bytes, bytes]]
     started: float = field(default_factory=time.perf_counter)
     status: int = 0
     route: str = "other"
@@ -121,7 +132,7 @@ class Exchange:
     response_started: bool = False
 
     def header(self, name: bytes) -> bytes | None:
-        return hdr.get(self.scope["headers"], name)
+        return hdr.get(self.headers, name)
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status
@@ -149,6 +160,17 @@ class Reply:
     headers: list[tuple[bytes, bytes]]  # without Content-Length and X-Request-ID
     body: bytes
     entry: Entry | None = None  # set when served from the cache
+
+
+def refuse_body(ex: Exchange) -> None:
+    """400 for a body on a bodiless video route (GET retrieve/list/content, DELETE).
+
+    Refused rather than dropped: the client meant something by it, and a silently
+    dropped body is a silently changed request. Nothing goes upstream either way.
+    """
+    length = ex.header(b"content-length")
+    if (length is not None and length.strip() != b"0") or ex.header(b"transfer-encoding"):
+        raise ProxyError(400, f"a {ex.method} request on this video route must not have a body")
 
 
 _ID_PREFIX = secrets.token_hex(8)
@@ -280,6 +302,9 @@ class ProxyApp:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
+        if scope["type"] == "websocket":  # not part of the API: refuse the handshake (403)
+            await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] != "http":
             return
         if scope["method"] == "GET" and self.hot:
@@ -288,9 +313,10 @@ class ProxyApp:
                 return
         raw_path = scope.get("raw_path")
         path = raw_path.decode("latin-1") if raw_path else scope["path"]
+        headers = list(scope["headers"])
         ex = Exchange(
             scope, receive, send, scope["method"], path,
-            _request_id(hdr.get(scope["headers"], b"x-request-id")),
+            _request_id(hdr.get(headers, b"x-request-id")), headers,
         )  # fmt: skip
         metrics.INFLIGHT.inc()
         try:
@@ -382,6 +408,8 @@ class ProxyApp:
 
     async def dispatch(self, route: Route, ex: Exchange) -> None:
         kind = route.kind
+        if kind in _BODILESS:
+            refuse_body(ex)
         if kind is Kind.HEALTHZ:
             await ex.answer(200, [JSON_TYPE], b'{"status":"ok"}')
         elif kind is Kind.READYZ:
@@ -427,7 +455,7 @@ class ProxyApp:
         self, ex: Exchange, *, drop: frozenset[bytes] = frozenset()
     ) -> list[tuple[bytes, bytes]]:
         scope = ex.scope
-        headers = hdr.strip_hop_by_hop(scope["headers"], also=_STRIP_FROM_REQUEST | drop)
+        headers = hdr.forwardable(ex.headers, also=_STRIP_FROM_REQUEST | drop)
         client = scope.get("client")
         prior = ex.header(b"x-forwarded-for")
         if client:
@@ -596,9 +624,7 @@ class ProxyApp:
         video = self.video_id(route)
         ex.provider = video.provider
         directives = request_directives(ex.header(b"cache-control"))
-        key = cache_key(
-            route.family, video.canonical, tenant_fingerprint(ex.scope["headers"], self.secret)
-        )
+        key = cache_key(route.family, video.canonical, tenant_fingerprint(ex.headers, self.secret))
         query = ex.scope.get("query_string", b"")
         if query:  # Bifrost's retrieve takes none; if one is sent, it gets its own entry
             key += "?" + query.decode("latin-1")
@@ -687,6 +713,8 @@ class ProxyApp:
         token = self.settings.admin_token
         if not token:
             raise ProxyError(404, "no such route on this proxy")
+        if ex.method != "DELETE":
+            raise ProxyError(405, "only DELETE is allowed on the admin cache routes")
         given = ex.header(b"authorization") or b""
         expected = b"Bearer " + token.encode()
         if not hmac.compare_digest(given, expected):
@@ -838,11 +866,16 @@ class ProxyApp:
         failure: list[ProxyError] = []
         has_body = declared not in (None, b"0") or ex.header(b"transfer-encoding") is not None
         content = self.stream_body(ex, body_done, failure) if has_body else None
+        headers = self.forward_headers(ex)
         if content is None:
             body_done.set()
+        elif declared is not None and declared.isdigit():
+            # The server enforced this length on the body we relay (else the stream
+            # fails and the upstream request is aborted); without one it goes chunked.
+            headers.append((b"content-length", str(int(declared)).encode()))
         call = UpstreamCall(
             ex.method, ex.raw_path, ex.scope.get("query_string", b""),
-            self.forward_headers(ex), content, streaming=True, route=ex.route,
+            headers, content, streaming=True, route=ex.route,
         )  # fmt: skip
         try:
             await self.stream(ex, call, body_done)
@@ -884,6 +917,10 @@ class ProxyApp:
                         await ex.send(
                             {"type": "http.response.body", "body": chunk, "more_body": True}
                         )
+                        # Neither call has to yield (buffered upstream bytes; a server
+                        # that drops sends to a gone client): yield here, so the
+                        # watcher sees a hang-up now, not once the download is drained.
+                        await anyio.lowlevel.checkpoint()
                 except StreamBroken as exc:
                     # Headers are gone already: all we can do is cut the answer short
                     # (returning without the final message makes the server close the

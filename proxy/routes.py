@@ -95,8 +95,8 @@ def classify(method: str, raw_path: str) -> Route:
                 raise ProxyError(405, f"{method} is not allowed on /{segments[0]}")
             return Route(kind, "", "/" + segments[0])
     if segments[:2] == ["admin", "cache"]:
-        if method != "DELETE":
-            raise ProxyError(405, "only DELETE is allowed on the admin cache routes")
+        # Any method: the endpoint answers 404 for all of them while the admin surface
+        # is disabled (indistinguishable from a missing route), else 405 for non-DELETE.
         if len(segments) == 2:
             return Route(Kind.ADMIN_PURGE_ALL, "", "/admin/cache")
         if len(segments) == 4 and segments[2] == "videos" and raw_segments[3]:
@@ -111,9 +111,13 @@ def classify(method: str, raw_path: str) -> Route:
         family, rest = "openai", 3
     elif segments and segments[0] in ("v1", "openai"):
         # Anything that decodes to a video route but did not match one exactly is an
-        # odd encoding of it: never pass it through unvalidated.
-        if decoded.startswith(("/v1/videos", "/openai/v1/videos")):
+        # odd encoding of it (``%2F``, ``//``: Bifrost's server decodes the path and
+        # merges slashes): never pass it through unvalidated.
+        merged = "/" + "/".join(s for s in decoded.split("/") if s)
+        if merged.startswith(("/v1/videos", "/openai/v1/videos")):
             raise not_found("malformed video route")
+        if "" in raw_segments[1:-1]:
+            raise ProxyError(400, "request path must not contain empty segments (//)")
         return Route(Kind.PASSTHROUGH, "", "passthrough")
     else:
         raise not_found()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import math
 import os
 import shutil
 import signal
@@ -61,6 +62,7 @@ def create_app() -> ProxyApp:
     settings = load()
     logs.configure(settings.log_level, settings.log_format)
     GuardedHttpToolsProtocol.header_timeout = settings.client_header_timeout_seconds
+    GuardedHttpToolsProtocol.max_header_bytes = settings.max_header_bytes
     return ProxyApp(settings)
 
 
@@ -130,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None,
         server_header=False,
         http=GuardedHttpToolsProtocol,
+        # WebSockets are not part of the API; uvicorn's WebSocket layer would also log
+        # every handshake header (credentials included) at debug level.
+        ws="none",
+        timeout_keep_alive=math.ceil(settings.keepalive_timeout_seconds),
         proxy_headers=False,  # the app appends the real peer to X-Forwarded-For itself
         date_header=False,
     )

@@ -41,6 +41,8 @@ class Settings:
     max_request_bytes: int = 64 * MiB
     client_body_timeout_seconds: float = 30.0
     client_header_timeout_seconds: float = 30.0
+    max_header_bytes: int = 64 * 1024
+    keepalive_timeout_seconds: float = 75.0
     max_id_length: int = 512
     allowed_providers: list[str] = field(default_factory=lambda: sorted(DEFAULT_PROVIDERS))
     provider_aliases: dict[str, str] = field(default_factory=dict)
@@ -91,6 +93,8 @@ HELP: dict[str, str] = {
     "max_request_bytes": "Largest request body accepted; larger ones get 413.",
     "client_body_timeout_seconds": "Longest wait for the next piece of a request body; then 408.",
     "client_header_timeout_seconds": "Longest wait for a request's complete headers; then 408.",
+    "max_header_bytes": "Largest request line plus headers accepted; larger ones get 431.",
+    "keepalive_timeout_seconds": "How long an idle client connection is kept open.",
     "max_id_length": "Longest video id accepted (raw path segment), else 400.",
     "allowed_providers": 'Providers accepted in ids and list queries; ["*"] allows any.',
     "provider_aliases": 'Provider renames applied before validation, e.g. {google = "gemini"}.',
@@ -217,6 +221,7 @@ def validate(s: Settings) -> None:
         "upstream_timeout_seconds", "upstream_connect_timeout_seconds",
         "content_timeout_seconds", "redis_timeout_seconds", "max_ttl_seconds",
         "client_body_timeout_seconds", "client_header_timeout_seconds",
+        "max_header_bytes", "keepalive_timeout_seconds",
         "max_request_bytes", "max_id_length", "cache_max_bytes",
         "cache_max_entry_bytes", "upstream_max_connections",
     )  # fmt: skip

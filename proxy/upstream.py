@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import httpx
@@ -105,6 +106,28 @@ class _HttpxResponse(UpstreamResponse):
         await self._response.aclose()
 
 
+class _CleanPoolConnector(aiohttp.TCPConnector):
+    """Never hands out a pooled connection that received bytes while idle.
+
+    aiohttp parses whatever arrives on an idle keep-alive connection and queues it as
+    the answer to the *next* request sent on it: an upstream that writes a stray
+    response would have it served to (and cached for) another tenant's request.
+    aiohttp already closes, on release, a connection with unread or unparsed bytes
+    (``should_close``); this closes the ones that got bytes after release too.
+    """
+
+    async def _get(self, *args: Any, **kwargs: Any) -> Any:
+        while True:
+            connection = await super()._get(*args, **kwargs)
+            if connection is None:
+                return None
+            protocol = connection.protocol
+            if protocol is None or not protocol.should_close:
+                return connection
+            log.debug("discarding a pooled upstream connection that received stray bytes")
+            connection.close()
+
+
 class Upstream:
     def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None):
         self.base = settings.upstream_url.rstrip("/")
@@ -113,16 +136,19 @@ class Upstream:
         if self._use_httpx:
             self._httpx = httpx.AsyncClient(
                 transport=transport,
+                # No keep-alive: h11 keeps bytes that arrive after an answer for the
+                # next answer on the connection, and httpcore cannot be asked whether it
+                # holds any, so a reused connection could serve a stray answer.
                 limits=httpx.Limits(
                     max_connections=settings.upstream_max_connections,
-                    max_keepalive_connections=settings.upstream_max_connections,
+                    max_keepalive_connections=0,
                 ),
                 follow_redirects=False,
                 trust_env=False,
             )
         else:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
+                connector=_CleanPoolConnector(
                     limit=settings.upstream_max_connections, limit_per_host=0
                 ),
                 auto_decompress=False,  # relay bytes as sent: no double decompression
@@ -159,7 +185,9 @@ class Upstream:
                 if default not in sent:  # httpx's client defaults: not the caller's
                     del request.headers[default.decode()]
             return _HttpxResponse(await self._httpx.send(request, stream=True))
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in call.headers]
+        # aiohttp writes header text as UTF-8; ``headers.forwardable`` let through only
+        # ASCII and UTF-8 values, so decoding them as UTF-8 sends the client's bytes.
+        headers = [(k.decode("latin-1"), v.decode("utf-8")) for k, v in call.headers]
         response = await self._session.request(
             call.method,
             URL(self._url(call), encoded=True),  # the path is already encoded: keep it
@@ -185,6 +213,12 @@ class Upstream:
                     continue
                 metrics.UPSTREAM_ERRORS.labels(call.route, error_kind(exc)).inc()
                 raise map_error(error_kind(exc), exc) from None
+            if not 200 <= response.status_code <= 599:
+                # Not a final answer the proxy can relay (a 101 switch, or a status out
+                # of range): dropped unread, so its connection is closed.
+                await response.aclose()
+                metrics.UPSTREAM_ERRORS.labels(call.route, "protocol").inc()
+                raise ProxyError(502, "upstream answered with an invalid status code")
             metrics.UPSTREAM_DURATION.labels(
                 call.route, call.method, str(response.status_code)
             ).observe(time.perf_counter() - started)

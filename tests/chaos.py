@@ -1,6 +1,9 @@
 """A misbehaving upstream on a real socket: one switchable fault mode at a time.
 
 Raw asyncio (not an HTTP framework) so it can break HTTP the ways real networks do.
+It records every request as a naive upstream reads it (honouring Content-Length and
+chunked framing), so a request whose framing lies shows up as a wrong body or a
+request nobody sent.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import contextlib
 import socket
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 JOB = b'{"id":"video_1:openai","object":"video","status":"completed","progress":100}'
 MODES = (
@@ -21,7 +24,29 @@ MODES = (
     "trickle",
     "reset_mid_body",
     "short_body",
+    "stray_later",  # answer, then (when released) a second answer nobody asked for
+    "stray_same_write",  # answer and a second answer in one write
+    "bad_status",  # HTTP/1.1 999
+    "big_download",  # download_bytes of zeros, counted in sent_bytes
 )
+STRAY = b'{"id":"victim_job:openai","object":"video","status":"completed","progress":100}'
+
+
+@dataclass
+class Seen:
+    """One request as the upstream parsed it."""
+
+    method: str
+    target: str
+    head: bytes  # request line and headers, raw
+    body: bytes
+
+    def header(self, name: bytes) -> bytes | None:
+        for line in self.head.split(b"\r\n")[1:]:
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == name:
+                return value.strip()
+        return None
 
 
 @dataclass
@@ -32,6 +57,12 @@ class Chaos:
     trickle_delay: float = 0.01
     requests: int = 0
     open_connections: int = 0
+    connections: int = 0
+    seen: list[Seen] = field(default_factory=list)
+    release_stray: threading.Event = field(default_factory=threading.Event)
+    stray_sent: threading.Event = field(default_factory=threading.Event)
+    download_bytes: int = 64 * 1024 * 1024
+    sent_bytes: int = 0
 
     @property
     def url(self) -> str:
@@ -39,16 +70,12 @@ class Chaos:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.open_connections += 1
+        self.connections += 1
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 self.requests += 1
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                if length:
-                    await reader.readexactly(length)
+                self.seen.append(await self.read_request(head, reader))
                 if not await self.answer(writer):
                     return
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
@@ -57,9 +84,52 @@ class Chaos:
             self.open_connections -= 1
             writer.transport.abort()
 
+    @staticmethod
+    async def read_request(head: bytes, reader: asyncio.StreamReader) -> Seen:
+        method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+        seen = Seen(method, target, head[:-4], b"")
+        if (seen.header(b"transfer-encoding") or b"").lower() == b"chunked":
+            while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                seen.body += await reader.readexactly(size)
+                await reader.readexactly(2)
+            while await reader.readuntil(b"\r\n") != b"\r\n":  # trailer fields
+                pass
+        elif length := int(seen.header(b"content-length") or 0):
+            seen.body = await reader.readexactly(length)
+        return seen
+
     async def answer(self, writer: asyncio.StreamWriter) -> bool:
         """Write one answer per the mode; False: the connection is done."""
         mode, body = self.mode, self.body
+        json_head = (
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+        )
+        if mode in ("stray_later", "stray_same_write"):
+            self.mode = "normal"  # one stray answer, then behave
+            stray = json_head % len(STRAY) + STRAY
+            writer.write(json_head % 2 + b"{}" + (stray if mode == "stray_same_write" else b""))
+            await writer.drain()
+            if mode == "stray_later":  # once the proxy has the first answer and idles
+                await asyncio.get_running_loop().run_in_executor(None, self.release_stray.wait)
+                writer.write(stray)
+                await writer.drain()
+            self.stray_sent.set()
+            return True
+        if mode == "bad_status":
+            writer.write(b"HTTP/1.1 999 Weird\r\ncontent-length: 2\r\n\r\n{}")
+            await writer.drain()
+            return True
+        if mode == "big_download":
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: video/mp4\r\ncontent-length: %d\r\n\r\n"
+                % self.download_bytes
+            )
+            chunk = b"\x00" * 65536
+            for _ in range(self.download_bytes // len(chunk)):
+                writer.write(chunk)
+                await writer.drain()
+                self.sent_bytes += len(chunk)
+            return True
         ctype = b"application/json" if body.startswith(b"{") else b"video/mp4"
         head = b"HTTP/1.1 200 OK\r\ncontent-type: " + ctype + b"\r\ncontent-length: %d\r\n\r\n"
         if mode == "silent":
@@ -109,6 +179,8 @@ def chaos_upstream() -> Iterator[Chaos]:
         handlers.add(task)
         try:
             await chaos.handle(reader, writer)
+        except asyncio.CancelledError:
+            pass  # stopped at teardown: not an error worth asyncio's log line
         finally:
             handlers.discard(task)
 
@@ -128,6 +200,7 @@ def chaos_upstream() -> Iterator[Chaos]:
     try:
         yield chaos
     finally:
+        chaos.release_stray.set()  # a handler may be waiting for it in a thread
         loop.call_soon_threadsafe(stop.set)
         thread.join(10)
         loop.close()

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from proxy.app import ProxyApp
+from proxy.protocol import GuardedHttpToolsProtocol
 from proxy.settings import Settings, load
 from proxy.simulator.app import Simulator, SimulatorConfig, create_simulator
 from tests.servers import ProxyProcess, run_proxy, serve_in_thread
@@ -78,7 +79,8 @@ def make_proxy(upstream: Upstream) -> Iterator[Any]:
     def start(**overrides: Any) -> ProxyURL:
         settings = make_settings(overrides.pop("upstream_url", upstream.url), **overrides)
         app = ProxyApp(settings, clock=upstream.clock)
-        cm = serve_in_thread(app)
+        # The protocol and WebSocket setting the console script runs with.
+        cm = serve_in_thread(app, http=GuardedHttpToolsProtocol, ws="none")
         server = cm.__enter__()
         stack.append(cm)
         url = ProxyURL(server.url)

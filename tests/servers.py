@@ -41,7 +41,8 @@ class ThreadServer:
 
 
 @contextlib.contextmanager
-def serve_in_thread(app: Any, *, lifespan: str = "on") -> Iterator[ThreadServer]:
+def serve_in_thread(app: Any, *, lifespan: str = "on", **config: Any) -> Iterator[ThreadServer]:
+    """uvicorn in a thread on a free loopback port; ``config``: more uvicorn.Config."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -52,6 +53,7 @@ def serve_in_thread(app: Any, *, lifespan: str = "on") -> Iterator[ThreadServer]
         lifespan=lifespan,
         timeout_graceful_shutdown=1,
         proxy_headers=False,
+        **config,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -28,6 +28,8 @@ from proxy.routes import Kind, classify
         ("GET", "/metrics", Kind.METRICS, "", "/metrics", None),
         ("DELETE", "/admin/cache", Kind.ADMIN_PURGE_ALL, "", "/admin/cache", None),
         ("DELETE", "/admin/cache/videos/a:openai", Kind.ADMIN_PURGE_ONE, "", "/admin/cache/videos/{video_id}", "a:openai"),
+        # Every method: the endpoint answers 404 while admin is off, 405 when on.
+        ("GET", "/admin/cache", Kind.ADMIN_PURGE_ALL, "", "/admin/cache", None),
     ],
 )  # fmt: skip
 def test_routes(
@@ -61,12 +63,19 @@ def test_routes(
         ("GET", "/v1/videos/a:openai/content/x", 404),
         ("GET", "/v1/videos/", 404),
         ("GET", "/v1/videos//content", 404),
+        # Empty segments and encoded slashes never turn a video route into pass-through.
+        ("GET", "/v1//videos/NOT-AN-ID", 404),
+        ("GET", "/openai//v1/videos/a:openai", 404),
+        ("GET", "/openai/v1//videos/a:openai", 404),
+        ("GET", "/v1/%2Fvideos/a:openai", 404),
+        ("GET", "/v1/%252Fvideos/a:openai", 404),
+        ("GET", "/openai/%2F/v1/videos", 404),
+        ("POST", "/v1//chat/completions", 400),
         ("PUT", "/v1/videos/a:openai", 405),
         ("POST", "/v1/videos/a:openai", 405),
         ("DELETE", "/v1/videos", 405),
         ("GET", "/v1/videos/a:openai/remix", 405),
         ("POST", "/healthz", 405),
-        ("GET", "/admin/cache", 405),
         ("GET", "/v1/x%0Ay", 400),
         ("GET", "relative", 400),
     ],
