@@ -590,8 +590,10 @@ class ProxyApp:
         items = data if isinstance(data, list) else [doc]
         try:
             for item in items:
-                if isinstance(item, dict) and "status" in item and isinstance(item.get("id"), str):
-                    video_id: str = item["id"]
+                if not isinstance(item, dict):
+                    continue
+                video_id, status = item.get("id"), item.get("status")
+                if isinstance(video_id, str) and isinstance(status, str):  # odd JSON: skip
                     await self.tracker.observe(video_id, video_id.rpartition(":")[2], item)
         except Exception:  # metrics must never fail a request
             log.exception("status tracking failed")
@@ -614,6 +616,8 @@ class ProxyApp:
         if "json" not in (response.header("content-type") or "json"):
             return raw, None
         doc = parse_json_object(raw)
+        if doc is not None and not isinstance(doc.get("status", ""), str):
+            return raw, None  # odd JSON (a list or object status): relayed verbatim, uncached
         if doc is None or not canonicalize_ids(doc, provider, self.rules):
             return raw, doc
         return dumps(doc), doc
@@ -684,7 +688,9 @@ class ProxyApp:
         assert self.cache is not None
         reply, doc = await self.call_json(ex, path, video.provider, retry=True)
         now = self.clock()
-        decision = decide(reply.status, doc, len(reply.body), now, self.limits, directives)
+        decision = decide(
+            reply.status, doc, len(reply.body), now, self.limits, directives, reply.headers
+        )
         if decision is not None and doc is not None:
             body = self.hit_body(doc) if decision.kind is EntryKind.TERMINAL else reply.body
             entry = Entry(

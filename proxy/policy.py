@@ -80,6 +80,27 @@ def cache_key(family: str, canonical_id: str, fingerprint: str) -> str:
     return f"{family}|{canonical_id}|{fingerprint}"
 
 
+def reusable_answer(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a shared cache may reuse this answer at all (RFC 9111 §3, §5.2.2).
+
+    Not when the upstream says ``Cache-Control: no-store`` or ``private``; nor
+    ``no-cache``, which allows storing only to revalidate before every use, and the
+    proxy has no validators to revalidate with (each use would be a full upstream
+    call, so storing buys nothing); nor with ``Set-Cookie``, which belongs to the one
+    client it was sent to.
+    """
+    for name, value in headers:
+        name = name.lower()
+        if name == b"set-cookie":
+            return False
+        if name == b"cache-control":
+            for token in value.lower().split(b","):
+                directive = token.split(b"=", 1)[0].strip()
+                if directive in (b"no-store", b"private", b"no-cache"):
+                    return False
+    return True
+
+
 def decide(
     status_code: int,
     doc: dict[str, Any] | None,
@@ -87,13 +108,16 @@ def decide(
     now: float,
     limits: CacheLimits,
     directives: RequestDirectives = RequestDirectives(),
+    answer_headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> StoreDecision | None:
     """Whether (and until when) a retrieve answer may be stored; None: do not store."""
     if directives.no_store or status_code != 200 or doc is None:
         return None
-    if body_size > limits.max_entry_bytes:
+    if body_size > limits.max_entry_bytes or not reusable_answer(answer_headers):
         return None
     status = doc.get("status")
+    if not isinstance(status, str):  # a list or an object: relayed, never stored
+        return None
     if status in TERMINAL:
         ttl = limits.terminal_ttl_seconds
         expires_at = doc.get("expires_at")

@@ -127,10 +127,14 @@ def classify(method: str, raw_path: str) -> Route:
     if count > 2 or any(not s for s in tail):
         raise not_found("no such video route")
     action = segments[rest + 1] if count == 2 else None
+    if count == 2 and action not in ("remix", "content"):
+        raise not_found("no such video route")
+    if method == "OPTIONS":
+        # A CORS preflight: Bifrost answers every OPTIONS with its CORS configuration,
+        # so it is relayed as is (no id is acted on, so none is validated).
+        return Route(Kind.PASSTHROUGH, "", "preflight")
     kind_or_none = _VIDEO_SHAPES.get((method, count, action))
     if kind_or_none is None:
-        if count == 2 and action not in ("remix", "content"):
-            raise not_found("no such video route")
         raise ProxyError(405, f"{method} is not allowed on this video route")
     base = "/openai/v1/videos" if family == "openai" else "/v1/videos"
     return Route(

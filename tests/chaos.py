@@ -61,6 +61,7 @@ class Chaos:
     seen: list[Seen] = field(default_factory=list)
     release_stray: threading.Event = field(default_factory=threading.Event)
     stray_sent: threading.Event = field(default_factory=threading.Event)
+    extra_headers: bytes = b""  # more header lines (each ending CRLF) on normal answers
     download_bytes: int = 64 * 1024 * 1024
     sent_bytes: int = 0
 
@@ -131,7 +132,8 @@ class Chaos:
                 self.sent_bytes += len(chunk)
             return True
         ctype = b"application/json" if body.startswith(b"{") else b"video/mp4"
-        head = b"HTTP/1.1 200 OK\r\ncontent-type: " + ctype + b"\r\ncontent-length: %d\r\n\r\n"
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: " + ctype + b"\r\ncontent-length: %d\r\n"
+        head += self.extra_headers.replace(b"%", b"%%") + b"\r\n"
         if mode == "silent":
             await asyncio.sleep(3600)
         if mode == "stall_after_headers":

@@ -103,7 +103,7 @@ def status_of(raw: bytes) -> int:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(
-    method=st.sampled_from(["GET", "POST", "DELETE", "PUT"]),
+    method=st.sampled_from(["GET", "POST", "DELETE", "PUT", "OPTIONS"]),
     path=PATHS,
     framing=FRAMINGS,
     body=BODIES,

@@ -13,6 +13,7 @@ from proxy.policy import (
     cache_key,
     decide,
     request_directives,
+    reusable_answer,
     servable,
     tenant_fingerprint,
 )
@@ -145,3 +146,31 @@ def test_tenant_fingerprints() -> None:
             header
         )
     assert b"alice" not in fp.encode() and "sk-bf" not in cache_key("native", "v:openai", fp)
+
+
+@pytest.mark.parametrize(
+    "headers, reusable",
+    [
+        ([], True),
+        ([(b"cache-control", b"max-age=60")], True),
+        ([(b"cache-control", b"public, max-age=60")], True),
+        ([(b"Cache-Control", b"no-store")], False),
+        ([(b"cache-control", b"max-age=60, NO-CACHE")], False),
+        ([(b"cache-control", b'private="x-bifrost-key"')], False),
+        ([(b"cache-control", b"must-revalidate")], True),
+        ([(b"set-cookie", b"s=1")], False),
+        ([(b"Set-Cookie", b"s=1"), (b"cache-control", b"public")], False),
+    ],
+)
+def test_upstream_answers_a_shared_cache_may_reuse(
+    headers: list[tuple[bytes, bytes]], reusable: bool
+) -> None:
+    assert reusable_answer(headers) is reusable
+    doc = {"status": "completed"}
+    decision = decide(200, doc, 10, 1000.0, CacheLimits(), answer_headers=headers)
+    assert (decision is not None) is reusable
+
+
+@pytest.mark.parametrize("status", [["completed"], {"s": 1}, 7, None, True])
+def test_a_status_that_is_not_a_string_is_never_stored(status: object) -> None:
+    assert decide(200, {"status": status}, 10, 1000.0, CacheLimits()) is None

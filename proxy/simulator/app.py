@@ -62,6 +62,14 @@ class Job:
         return f"{quote(self.native, safe='$&+:=@')}:{self.provider}"
 
 
+# JSON types of the native create's fields (Bifrost's core/schemas/videos.go).
+_NATIVE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "model": str, "prompt": str, "size": str, "input_reference": str, "seconds": str,
+    "negative_prompt": str, "video_uri": str, "seed": int, "audio": bool,
+    "extra_params": dict, "fallbacks": list,
+}  # fmt: skip
+
+
 @dataclass
 class Recorded:
     """One request as the simulator received it (for tests)."""
@@ -306,11 +314,18 @@ class Simulator:
                 return _error(400, "failed to parse request body: invalid JSON")
             if not isinstance(fields, dict):
                 return _error(400, "request body must be a JSON object")
+            for name, value in fields.items():  # Bifrost decodes into typed Go fields
+                if not isinstance(value, _NATIVE_TYPES.get(name, object)) or (
+                    name == "seed" and isinstance(value, bool)
+                ):
+                    return _error(400, "invalid request format")
         if not fields.get("prompt"):
             return _error(400, "prompt is required")
         ref = fields.get("input_reference")
-        if ref is not None and not (isinstance(ref, str) and ref.startswith("data:")):
-            return _error(400, "input_reference must be a base64 data URL")
+        if ref is not None and not (
+            isinstance(ref, str) and ref.startswith(("data:", "https://", "http://"))
+        ):
+            return _error(400, "input_reference must be a URL or a base64 data URL")
         job = self._add(request, fields, None)
         return _json(self.view(job))
 
