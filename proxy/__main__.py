@@ -1,3 +1,5 @@
+"""``python -m proxy``: the console script."""
+
 import sys
 
 from .server import main

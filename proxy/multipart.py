@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
@@ -77,6 +78,8 @@ async def to_json_body(request: Request) -> bytes:
         form = await request.form(max_files=16, max_fields=256, max_part_size=MAX_FIELD_BYTES)
     except MultiPartException as exc:
         raise ProxyError(400, f"invalid multipart body: {exc.message}") from None
+    except HTTPException as exc:  # Starlette's Request wraps parser errors in its own
+        raise ProxyError(400, f"invalid multipart body: {exc.detail}") from None
     fields: dict[str, Any] = {}
     nested: dict[str, dict[str, str]] = {}
     image_url: str | None = None

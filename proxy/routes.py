@@ -143,3 +143,22 @@ def classify(method: str, raw_path: str) -> Route:
         base + _TEMPLATES[kind_or_none],
         tail[0] if count else None,
     )
+
+
+ROUTE = "proxy.route"  # the scope key under which a request's Route travels
+_ACTIONS = {Kind.REMIX: "/remix", Kind.CONTENT: "/content"}
+
+
+def canonical_path(route: Route, decoded_path: str) -> str:
+    """The path the Starlette router matches for a classified request: the video id
+    stays one still-encoded segment; pass-through keeps its (decoded) path."""
+    if route.kind is Kind.PASSTHROUGH:
+        return decoded_path
+    if not route.family:  # health, readiness, metrics, admin
+        if route.kind is Kind.ADMIN_PURGE_ONE:
+            return f"/admin/cache/videos/{route.id_segment}"
+        return route.template
+    path = route.prefix
+    if route.id_segment is not None:
+        path += "/" + route.id_segment
+    return path + _ACTIONS.get(route.kind, "")

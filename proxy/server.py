@@ -17,9 +17,10 @@ from typing import Any
 
 import uvicorn
 from prometheus_client import start_http_server
+from starlette.applications import Starlette
 
 from . import __version__, logs, metrics
-from .app import ProxyApp
+from .app import create_app
 from .protocol import GuardedHttpToolsProtocol
 from .settings import HELP, Settings, SettingsError, load
 
@@ -57,13 +58,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def create_app() -> ProxyApp:
-    """uvicorn factory: each worker builds its app from the environment."""
+def worker_app() -> Starlette:
+    """uvicorn factory: each worker builds its app from the environment, with the
+    process-wide parts (logging, the protocol's limits) set up first."""
     settings = load()
     logs.configure(settings.log_level, settings.log_format)
     GuardedHttpToolsProtocol.header_timeout = settings.client_header_timeout_seconds
     GuardedHttpToolsProtocol.max_header_bytes = settings.max_header_bytes
-    return ProxyApp(settings)
+    return create_app(settings)
 
 
 def start_simulator() -> str:
@@ -122,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # is back: make that handler a no-op so a graceful stop exits 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(
-        "proxy.server:create_app",
+        "proxy.server:worker_app",
         factory=True,
         host=settings.host,
         port=settings.port,

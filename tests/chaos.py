@@ -15,6 +15,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from tests.rawhttp import header_in
+
 JOB = b'{"id":"video_1:openai","object":"video","status":"completed","progress":100}'
 MODES = (
     "normal",
@@ -42,11 +44,7 @@ class Seen:
     body: bytes
 
     def header(self, name: bytes) -> bytes | None:
-        for line in self.head.split(b"\r\n")[1:]:
-            key, _, value = line.partition(b":")
-            if key.strip().lower() == name:
-                return value.strip()
-        return None
+        return header_in(self.head, name)
 
 
 @dataclass

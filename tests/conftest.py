@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from proxy.app import ProxyApp
+from proxy.app import create_app
 from proxy.protocol import GuardedHttpToolsProtocol
+from proxy.services import Services
 from proxy.settings import Settings, load
 from proxy.simulator.app import Simulator, SimulatorConfig, create_simulator
 from tests.servers import ProxyProcess, run_proxy, serve_in_thread
@@ -63,9 +64,9 @@ def make_settings(upstream_url: str, **overrides: Any) -> Settings:
 
 
 class ProxyURL(str):
-    """The proxy's base URL, carrying the app object for white-box assertions."""
+    """The proxy's base URL, carrying its services for white-box assertions."""
 
-    app: ProxyApp
+    app: Services
 
 
 @pytest.fixture
@@ -78,13 +79,13 @@ def make_proxy(upstream: Upstream) -> Iterator[Any]:
 
     def start(**overrides: Any) -> ProxyURL:
         settings = make_settings(overrides.pop("upstream_url", upstream.url), **overrides)
-        app = ProxyApp(settings, clock=upstream.clock)
+        app = create_app(settings, clock=upstream.clock)
         # The protocol and WebSocket setting the console script runs with.
         cm = serve_in_thread(app, http=GuardedHttpToolsProtocol, ws="none")
         server = cm.__enter__()
         stack.append(cm)
         url = ProxyURL(server.url)
-        url.app = app
+        url.app = app.state.services
         return url
 
     yield start

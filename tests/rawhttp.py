@@ -9,6 +9,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 
+def header_in(head: bytes, name: bytes) -> bytes | None:
+    """A header's value in a raw head (start line, then header lines)."""
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name:
+            return value.strip()
+    return None
+
+
 @dataclass
 class RawResponse:
     status: int
@@ -16,11 +25,7 @@ class RawResponse:
     body: bytes
 
     def header(self, name: bytes) -> bytes | None:
-        for line in self.head.split(b"\r\n")[1:]:
-            key, _, value = line.partition(b":")
-            if key.strip().lower() == name:
-                return value.strip()
-        return None
+        return header_in(self.head, name)
 
     def json(self) -> Any:
         return json.loads(self.body)

@@ -1,6 +1,6 @@
 """Property tests (hypothesis): id canonicalisation and arbitrary requests.
 
-Requests go in-process (httpx ASGITransport) to a ProxyApp whose upstream is an
+Requests go in-process (httpx ASGITransport) to the proxy app whose upstream is an
 httpx MockTransport that records every call, so thousands of random inputs run
 in seconds; the socket-level behaviour is covered by the end-to-end suites.
 """
@@ -16,7 +16,7 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.app import ProxyApp
+from proxy.app import create_app
 from proxy.ids import IdRules, InvalidVideoId, go_path_escape, parse_segment
 from tests.conftest import make_settings
 
@@ -93,13 +93,13 @@ def test_random_requests_never_5xx_and_never_leave_the_video_routes(
     method: str, path: str, query: str, auth: str, body: bytes
 ) -> None:
     recorder = Recorder()
-    app = ProxyApp(
+    app = create_app(
         make_settings("http://bifrost.test", upstream_client="httpx"),
         transport=httpx.MockTransport(recorder),
     )
 
     async def go() -> httpx.Response:
-        async with app.running():
+        async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(
                 transport=transport, base_url="http://proxy.test"
@@ -148,7 +148,7 @@ def test_no_answer_ever_contains_another_tenants_job(actions: list[tuple[str, st
 
     clock = FakeClock()
     sim = create_simulator(SimulatorConfig(queued_seconds=1, in_progress_seconds=1, clock=clock))
-    app = ProxyApp(
+    app = create_app(
         make_settings("http://bifrost.test", upstream_client="httpx"),
         transport=httpx.ASGITransport(app=sim),
         clock=clock,
@@ -170,7 +170,7 @@ def test_no_answer_ever_contains_another_tenants_job(actions: list[tuple[str, st
 
     async def go() -> None:
         async with (
-            app.running(),
+            app.router.lifespan_context(app),
             httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=app), base_url="http://proxy.test"
             ) as client,

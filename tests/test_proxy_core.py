@@ -1,6 +1,6 @@
 """The core proxy over real sockets, in front of the simulator.
 
-Most tests run ProxyApp on uvicorn in a thread (real loopback sockets); the first
+Most tests run the proxy app on uvicorn in a thread (real loopback sockets); the first
 group runs the real console script, as a user would.
 """
 
@@ -414,7 +414,7 @@ def test_readyz_is_503_once_sigterm_arrives(make_proxy: Any) -> None:
     chained: list[int] = []
     original = signal.signal(signal.SIGTERM, lambda signum, frame: chained.append(signum))
     try:
-        app._watch_sigterm()  # what lifespan startup does in the server's main thread
+        app.watch_sigterm()  # what lifespan startup does in the server's main thread
         signal.raise_signal(signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, original)

@@ -260,11 +260,11 @@ def test_websocket_upgrade_is_plain_http_and_no_credential_is_logged(
 def test_a_websocket_scope_is_refused_not_500(make_proxy: Any, upstream: Upstream) -> None:
     """Under a server with WebSockets on (not the console script's), the handshake is
     refused cleanly (403), never a 500."""
-    from proxy.app import ProxyApp
+    from proxy.app import create_app
     from tests.conftest import make_settings
     from tests.servers import serve_in_thread
 
-    with serve_in_thread(ProxyApp(make_settings(upstream.url))) as server:
+    with serve_in_thread(create_app(make_settings(upstream.url))) as server:
         r = exchange(
             server.url,
             b"GET /v1/videos/ws1:openai HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\n"

@@ -1,0 +1,1 @@
+"""The endpoints, one module per route family; each takes a Request, returns a Response."""

@@ -1,0 +1,135 @@
+"""GET …/videos/{video_id}/content and the pass-through: bodies streamed both ways."""
+
+from __future__ import annotations
+
+import logging
+import time
+from urllib.parse import parse_qsl
+
+import anyio
+import anyio.lowlevel
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from .. import headers as hdr
+from ..errors import ProxyError
+from ..exchange import Exchange
+from ..forwarder import forward_headers
+from ..upstream import StreamBroken, Upstream, UpstreamCall
+from .common import addressed, context
+
+log = logging.getLogger("proxy")
+VARIANTS = ("video", "thumbnail", "spritesheet")
+_STRIP_FROM_STREAM = frozenset({b"x-request-id"})
+# While relaying, yield to the event loop after this many bytes (see UpstreamStream).
+_YIELD_EVERY_BYTES = 1024 * 1024
+
+
+async def content(request: Request) -> Response:
+    services, ex, route, video = addressed(request)
+    query = request.scope.get("query_string", b"")
+    for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if key == "variant" and value not in VARIANTS:
+            raise ProxyError(
+                400, "variant must be one of video, thumbnail, spritesheet", param="variant"
+            )
+    call = UpstreamCall(
+        "GET", f"{route.prefix}/{video.upstream_segment}/content", query, forward_headers(ex),
+        retry_idempotent=True, streaming=True, route=ex.route,
+    )  # fmt: skip
+    return UpstreamStream(services.upstream, ex, call, None)
+
+
+async def passthrough(request: Request) -> Response:
+    services, ex, _ = context(request)
+    bodies = services.bodies
+    bodies.check_declared(ex)
+    declared = ex.header(b"content-length")
+    body_done = anyio.Event()
+    failure: list[ProxyError] = []
+    headers = forward_headers(ex)
+    content = None
+    if declared not in (None, b"0") or ex.header(b"transfer-encoding") is not None:
+        content = bodies.stream(request.receive, body_done, failure)
+        if declared is not None and declared.isdigit():
+            # The server enforced this length on the body we relay (else the stream
+            # fails and the upstream request is aborted); without one it goes chunked.
+            headers.append((b"content-length", str(int(declared)).encode()))
+    else:
+        body_done.set()
+    call = UpstreamCall(
+        ex.method, ex.raw_path, request.scope.get("query_string", b""), headers, content,
+        streaming=True, route=ex.route,
+    )  # fmt: skip
+    return UpstreamStream(services.upstream, ex, call, body_done, failure)
+
+
+class UpstreamStream(Response):
+    """The upstream answer relayed chunk by chunk, as raw (undecoded) bytes.
+
+    A watcher cancels the copy as soon as the client disconnects, so the upstream
+    read stops and its connection is closed instead of draining the download.
+    """
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        ex: Exchange,
+        call: UpstreamCall,
+        body_done: anyio.Event | None,
+        failure: list[ProxyError] | None = None,
+    ) -> None:
+        self.upstream, self.ex, self.call = upstream, ex, call
+        self.body_done = body_done
+        self.failure = failure if failure is not None else []
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        try:
+            response = await self.upstream.open(self.call)
+        except ProxyError:
+            if self.failure:  # the request body failed: that is the cause to report
+                raise self.failure[0] from None
+            raise
+        self.ex.upstream_ms = round((time.perf_counter() - started) * 1000, 3)
+        headers = [
+            (k.lower(), v)
+            for k, v in hdr.strip_hop_by_hop(response.raw_headers, also=_STRIP_FROM_STREAM)
+        ]
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
+                await send({"type": "http.response.start", "status": response.status_code,
+                            "headers": headers})  # fmt: skip
+                relayed = 0
+                try:
+                    async for chunk in response.aiter_raw():
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        relayed += len(chunk)
+                        if relayed >= _YIELD_EVERY_BYTES:
+                            # Neither call has to yield (buffered upstream bytes; a server
+                            # that drops sends to a gone client): yield now and then, so
+                            # the watcher sees a hang-up before the download is drained.
+                            relayed = 0
+                            await anyio.lowlevel.checkpoint()
+                except StreamBroken as exc:
+                    # Headers are gone already: all we can do is cut the answer short
+                    # (returning without the final message makes the server close the
+                    # connection, so the client sees a truncated body, not a clean end).
+                    log.warning("upstream stream broke: %s", exc.kind)
+                else:
+                    await send({"type": "http.response.body", "body": b""})
+                tg.cancel_scope.cancel()
+        finally:
+            await response.aclose()
+
+    async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
+        if self.body_done is not None:
+            await self.body_done.wait()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                scope.cancel()
+                return

@@ -1,0 +1,117 @@
+"""One upstream call on behalf of a client: headers built (not copied), the answer read,
+its ids made canonical, the job statuses it reveals fed to the tracker."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from . import headers as hdr
+from .errors import ProxyError
+from .exchange import Exchange, Reply
+from .ids import InvalidVideoId, VideoId, parse_segment
+from .rewrite import canonicalize_ids, dumps, parse_json_object
+from .services import Services
+from .upstream import UpstreamCall, UpstreamResponse
+
+log = logging.getLogger("proxy")
+
+# Never forwarded: the proxy writes its own (X-Forwarded-*, X-Request-ID, Host).
+_STRIP_FROM_REQUEST = frozenset(
+    {b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
+)
+_STRIP_FROM_ANSWER = frozenset({b"content-length", b"x-request-id"})
+# Upstream JSON answers are read whole; anything larger is refused with 502.
+MAX_JSON_ANSWER_BYTES = 256 * 1024 * 1024
+
+
+def video_id(services: Services, segment: str) -> VideoId:
+    try:
+        return parse_segment(segment, services.rules)
+    except InvalidVideoId as exc:
+        raise ProxyError(400, str(exc), param="video_id") from None
+
+
+def forward_headers(
+    ex: Exchange, *, drop: frozenset[bytes] = frozenset()
+) -> list[tuple[bytes, bytes]]:
+    headers = hdr.forwardable(ex.headers, also=_STRIP_FROM_REQUEST | drop)
+    prior = ex.header(b"x-forwarded-for")
+    if ex.client:
+        ip = ex.client[0].encode()
+        headers.append((b"x-forwarded-for", prior + b", " + ip if prior else ip))
+    elif prior:
+        headers.append((b"x-forwarded-for", prior))
+    headers.append((b"x-forwarded-proto", ex.scheme.encode()))
+    host = ex.header(b"host")
+    if host:
+        headers.append((b"x-forwarded-host", host))
+    headers.append((b"x-request-id", ex.request_id.encode()))
+    return headers
+
+
+def answer_headers(response: UpstreamResponse) -> list[tuple[bytes, bytes]]:
+    return [
+        (k.lower(), v)
+        for k, v in hdr.strip_hop_by_hop(response.raw_headers, also=_STRIP_FROM_ANSWER)
+    ]
+
+
+async def call_json(
+    services: Services,
+    ex: Exchange,
+    path: str,
+    provider: str | None,
+    *,
+    query: bytes,
+    body: bytes | None = None,
+    retry: bool = False,
+    drop: frozenset[bytes] = frozenset(),
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> tuple[Reply, dict[str, Any] | None]:
+    """One upstream JSON call; the answer with canonical ids, and its parsed body."""
+    # No Accept-Encoding: JSON answers come back plain, ready to parse and cache.
+    headers = forward_headers(ex, drop=drop | {b"accept-encoding"})
+    headers.extend(extra or ())
+    call = UpstreamCall(
+        ex.method, path, query, headers, body, retry_idempotent=retry, route=ex.route
+    )
+    started = time.perf_counter()
+    response, raw = await services.upstream.fetch(call, MAX_JSON_ANSWER_BYTES)
+    ex.upstream_ms = round((time.perf_counter() - started) * 1000, 3)
+    out, doc = fix_answer(services, response, raw, provider)
+    if doc is not None and 200 <= response.status_code < 300:
+        await track_statuses(services, doc)
+    return Reply(response.status_code, answer_headers(response), out), doc
+
+
+def fix_answer(
+    services: Services, response: UpstreamResponse, raw: bytes, provider: str | None
+) -> tuple[bytes, dict[str, Any] | None]:
+    """Canonical ids in a JSON answer; the raw bytes when nothing changes."""
+    if (response.header("content-encoding") or "identity") != "identity":
+        return raw, None  # the upstream ignored our identity request: leave it alone
+    if "json" not in (response.header("content-type") or "json"):
+        return raw, None
+    doc = parse_json_object(raw)
+    if doc is not None and not isinstance(doc.get("status", ""), str):
+        return raw, None  # odd JSON (a list or object status): relayed verbatim, uncached
+    if doc is None or not canonicalize_ids(doc, provider, services.rules):
+        return raw, doc
+    return dumps(doc), doc
+
+
+async def track_statuses(services: Services, doc: dict[str, Any]) -> None:
+    """Feed every job status an answer reveals (one job, or a list) to the tracker."""
+    data = doc.get("data")
+    items = data if isinstance(data, list) else [doc]
+    try:
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            video, status = item.get("id"), item.get("status")
+            if isinstance(video, str) and isinstance(status, str):  # odd JSON: skipped
+                await services.tracker.observe(video, video.rpartition(":")[2], item)
+    except Exception:  # metrics must never fail a request
+        log.exception("status tracking failed")
