@@ -1,7 +1,9 @@
 """The Starlette application: its routes table, middleware, lifespan and error handlers.
 
-request ─▶ HotPathMiddleware ─(memoised HIT)─▶ answer
+request ─▶ HotPathMiddleware (outermost, pure ASGI) ─(memoised HIT)─▶ answer
              │ anything else
+             ▼
+           Starlette's ServerErrorMiddleware
              ▼
            ObserveMiddleware (Exchange, X-Request-ID, metrics, access line, 502s)
              ▼
@@ -15,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 from starlette.applications import Starlette
@@ -23,7 +26,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, request_response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .endpoints import jobs, listing, ops, retrieve, streaming
 from .errors import ProxyError
@@ -88,12 +91,29 @@ async def router_error(request: Request, exc: Exception) -> Response:
     return error_response(ProxyError(status, message), request.scope.get(EXCHANGE))
 
 
+class ProxyStarlette(Starlette):
+    """Starlette with the hit fast path outside even its ServerErrorMiddleware: a
+    memoised HIT cannot raise, and must not pay for layers it never uses. Middleware
+    added later (``add_middleware``) still goes inside, as usual."""
+
+    def __init__(self, *, hot_path: HotPathMiddleware | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.hot_path = hot_path
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        if self.hot_path is None:
+            return stack
+        self.hot_path.app = stack
+        return self.hot_path
+
+
 def create_app(
     settings: Settings | None = None,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     clock: Callable[[], float] = time.time,
-) -> Starlette:
+) -> ProxyStarlette:
     """The proxy as a Starlette app. Without settings, they load as the CLI loads them
     (defaults < config file < ``PROXY_*`` environment). ``transport`` (an httpx
     transport, e.g. ``MockTransport``) and ``clock`` are seams for tests."""
@@ -106,13 +126,10 @@ def create_app(
             yield
             services.draining = True
 
-    app = Starlette(
+    app = ProxyStarlette(
+        hot_path=HotPathMiddleware(None, services.hot, services.log_access),
         routes=ROUTES,
-        middleware=[
-            Middleware(HotPathMiddleware, memo=services.hot, log_access=services.log_access),
-            Middleware(ObserveMiddleware, services=services),
-            Middleware(RawPathRouting),
-        ],
+        middleware=[Middleware(ObserveMiddleware, services=services), Middleware(RawPathRouting)],
         exception_handlers={ProxyError: proxy_error, HTTPException: router_error},
         lifespan=lifespan,
     )

@@ -141,7 +141,7 @@ class HitMemo:
 class HotPathMiddleware:
     """Pure ASGI (never BaseHTTPMiddleware): a HIT costs a dict lookup and two sends."""
 
-    def __init__(self, app: ASGIApp, memo: HitMemo, log_access: bool) -> None:
+    def __init__(self, app: ASGIApp | None, memo: HitMemo, log_access: bool) -> None:
         self.app = app
         self.memo = memo
         self.log_access = log_access
@@ -151,4 +151,5 @@ class HotPathMiddleware:
             hot = self.memo.slots.get(hot_key(scope))  # type: ignore[arg-type]
             if hot is not None and await self.memo.send(hot, scope, send, self.log_access):
                 return
+        assert self.app is not None  # set when the app builds its middleware stack
         await self.app(scope, receive, send)

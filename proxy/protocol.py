@@ -98,18 +98,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._headers_since = self.loop.time()
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_head:  # after the head, httptools reports a chunked body's trailers
-            super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
         self._headers_since = None
         self._in_head = False
-        size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
-        if size > self.max_header_bytes:  # the whole head arrived in one read
-            self._refuse(_TOO_LARGE_ANSWER)
-            return
+        # The bytes counted are an upper bound of the head's size: only when they pass
+        # the limit (the whole head, maybe with body bytes, in one read) measure it.
+        if self._head_bytes > self.max_header_bytes:
+            size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+            if size > self.max_header_bytes:
+                self._refuse(_TOO_LARGE_ANSWER)
+                return
         super().on_headers_complete()
+        # httptools reports a chunked body's trailer fields through on_header, which
+        # appends to this list, the request's scope["headers"]: give it a list nobody
+        # reads, so trailers never become headers (on_message_begin makes a new one).
+        self.headers = []
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
