@@ -28,7 +28,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .endpoints import jobs, listing, ops, retrieve, streaming
+from .endpoints import events, jobs, listing, ops, retrieve, streaming
 from .errors import ProxyError
 from .exchange import EXCHANGE, error_response
 from .hotpath import HotPathMiddleware
@@ -60,6 +60,7 @@ def video_routes(prefix: str) -> list[BaseRoute]:
         Route(prefix + "/{video_id}", jobs.delete, methods=["DELETE"]),
         Route(prefix + "/{video_id}/remix", jobs.remix, methods=["POST"]),
         Route(prefix + "/{video_id}/content", streaming.content, methods=["GET"]),
+        Route(prefix + "/{video_id}/events", events.status_stream, methods=["GET"]),
     ]
 
 

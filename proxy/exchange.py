@@ -79,6 +79,7 @@ class Reply:
     headers: list[tuple[bytes, bytes]]  # without Content-Length and X-Request-ID
     body: bytes
     entry: Entry | None = None  # set when served from the cache
+    stale: bool = False  # a running snapshot answered because the upstream failed
 
 
 class RawResponse(Response):

@@ -24,8 +24,11 @@ from .policy import CREDENTIAL_HEADERS, EXTRA_HEADER_PREFIX, EntryKind
 HIT_ROUTES = ("/v1/videos/{video_id}", "/openai/v1/videos/{video_id}")
 HOT_MAX = 16384  # memoised hit answers (references to live cache entries)
 # A GET carrying any of these takes the slow path: Cache-Control may ask to bypass the
-# cache, and a body (refused on GET) must get the same answer whether cached or not.
-_SLOW_PATH_HEADERS = frozenset({b"cache-control", b"content-length", b"transfer-encoding"})
+# cache, a body (refused on GET) must get the same answer whether cached or not, and
+# Prefer (long-poll) is answered with Preference-Applied.
+_SLOW_PATH_HEADERS = frozenset(
+    {b"cache-control", b"content-length", b"transfer-encoding", b"prefer"}
+)
 
 
 def hot_key(scope: Scope) -> tuple[bytes, bytes] | None:

@@ -76,14 +76,28 @@ JOB_DURATION = Histogram(
 INFLIGHT = Gauge(
     "bifrost_proxy_inflight_requests", "Requests being handled.", multiprocess_mode="livesum"
 )
+WAITERS = Gauge(
+    "bifrost_proxy_waiters", "Clients waiting on a job (long-poll or SSE).", ["kind"],
+    multiprocess_mode="livesum",
+)  # fmt: skip
+WATCH_POLLS = Counter(
+    "bifrost_proxy_watch_polls_total", "Polls made by job watchers for waiting clients.",
+    ["provider"],
+)  # fmt: skip
+WAIT_SECONDS = Histogram(
+    "bifrost_proxy_wait_seconds", "How long long-poll retrieves waited.",
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 120, 300),
+)  # fmt: skip
 BUILD_INFO = Gauge(
     "bifrost_proxy_build_info", "The running version.", ["version"], multiprocess_mode="max"
 )
 BUILD_INFO.labels(__version__).set(1)
 
-CACHE_RESULTS = ("hit", "miss", "bypass", "coalesced")
+CACHE_RESULTS = ("hit", "miss", "bypass", "coalesced", "stale")
 for _result in CACHE_RESULTS:  # so dashboards see zeros, not gaps
     CACHE_REQUESTS.labels(_result)
+for _kind in ("long_poll", "sse"):
+    WAITERS.labels(_kind)
 
 
 def registry() -> CollectorRegistry:

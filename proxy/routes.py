@@ -24,6 +24,7 @@ class Kind(StrEnum):
     DELETE = "delete"
     REMIX = "remix"
     CONTENT = "content"
+    EVENTS = "events"
     PASSTHROUGH = "passthrough"
     HEALTHZ = "healthz"
     READYZ = "readyz"
@@ -51,6 +52,7 @@ _VIDEO_SHAPES: dict[tuple[str, int, str | None], Kind] = {
     ("DELETE", 1, None): Kind.DELETE,
     ("POST", 2, "remix"): Kind.REMIX,
     ("GET", 2, "content"): Kind.CONTENT,
+    ("GET", 2, "events"): Kind.EVENTS,
 }
 _TEMPLATES = {
     Kind.CREATE: "",
@@ -59,6 +61,7 @@ _TEMPLATES = {
     Kind.DELETE: "/{video_id}",
     Kind.REMIX: "/{video_id}/remix",
     Kind.CONTENT: "/{video_id}/content",
+    Kind.EVENTS: "/{video_id}/events",
 }
 
 
@@ -127,7 +130,7 @@ def classify(method: str, raw_path: str) -> Route:
     if count > 2 or any(not s for s in tail):
         raise not_found("no such video route")
     action = segments[rest + 1] if count == 2 else None
-    if count == 2 and action not in ("remix", "content"):
+    if count == 2 and action not in ("remix", "content", "events"):
         raise not_found("no such video route")
     if method == "OPTIONS":
         # A CORS preflight: Bifrost answers every OPTIONS with its CORS configuration,
@@ -146,7 +149,7 @@ def classify(method: str, raw_path: str) -> Route:
 
 
 ROUTE = "proxy.route"  # the scope key under which a request's Route travels
-_ACTIONS = {Kind.REMIX: "/remix", Kind.CONTENT: "/content"}
+_ACTIONS = {Kind.REMIX: "/remix", Kind.CONTENT: "/content", Kind.EVENTS: "/events"}
 
 
 def canonical_path(route: Route, decoded_path: str) -> str:

@@ -24,8 +24,10 @@ from .hotpath import HitMemo
 from .ids import IdRules
 from .policy import CacheLimits
 from .settings import Settings
+from .stale import StaleSnapshots
 from .transitions import StatusTracker
 from .upstream import Upstream
+from .watch import Watchers
 
 log = logging.getLogger("proxy")
 FLUSH_SECONDS = 1.0
@@ -60,6 +62,9 @@ class Services:
         self.flights: SingleFlight[Reply] = SingleFlight()
         self.tracker = StatusTracker()
         self.hot = HitMemo(clock)
+        # Waiting clients (long-poll, SSE) share one watcher per job and tenant.
+        self.watchers = Watchers(settings.poll_coalesce_seconds or 1.0, settings.max_waiters)
+        self.stale = StaleSnapshots(settings.stale_if_error_seconds)
         # Access lines are buffered and written in batches (every FLUSH_SECONDS and at
         # shutdown): the logging machinery per request cost ~10% of a pass-through.
         self.access_rows: list[dict[str, Any]] = []
@@ -81,6 +86,7 @@ class Services:
             yield self
         finally:
             flusher.cancel()
+            await self.watchers.aclose()
             self.flush()
             await self.upstream.aclose()
             await self.cache.aclose()

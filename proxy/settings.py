@@ -57,6 +57,10 @@ class Settings:
     max_ttl_seconds: float = 7 * 24 * 3600.0
     cache_max_bytes: int = 256 * MiB
     cache_max_entry_bytes: int = 1 * MiB
+    max_wait_seconds: float = 60.0
+    max_waiters: int = 10000
+    sse_keepalive_seconds: float = 15.0
+    stale_if_error_seconds: float = 60.0
     admin_token: str = ""
     metrics_port: int = 0
 
@@ -109,6 +113,10 @@ HELP: dict[str, str] = {
     "max_ttl_seconds": "Upper bound of every cache TTL.",
     "cache_max_bytes": "Memory backend: total bytes of cached bodies (LRU beyond).",
     "cache_max_entry_bytes": "Largest answer that is cached; larger ones pass unstored.",
+    "max_wait_seconds": "Longest long-poll wait (Prefer: wait=N is capped to it).",
+    "max_waiters": "Most clients waiting at once; past it a long-poll is a plain poll.",
+    "sse_keepalive_seconds": "Interval of keepalive comments on SSE status streams.",
+    "stale_if_error_seconds": "Upstream failing: serve a running job's snapshot this old; 0: off.",
     "admin_token": "Bearer token enabling DELETE /admin/cache…; empty: disabled.",
     "metrics_port": "Also serve /metrics on this port (0: only on the main port).",
 }
@@ -221,14 +229,18 @@ def validate(s: Settings) -> None:
         "upstream_timeout_seconds", "upstream_connect_timeout_seconds",
         "content_timeout_seconds", "redis_timeout_seconds", "max_ttl_seconds",
         "client_body_timeout_seconds", "client_header_timeout_seconds",
-        "max_header_bytes", "keepalive_timeout_seconds",
+        "max_header_bytes", "keepalive_timeout_seconds", "max_wait_seconds", "max_waiters",
+        "sse_keepalive_seconds",
         "max_request_bytes", "max_id_length", "cache_max_bytes",
         "cache_max_entry_bytes", "upstream_max_connections",
     )  # fmt: skip
     for name in positive:
         if getattr(s, name) <= 0:
             raise SettingsError(f"{name}: must be > 0, got {getattr(s, name)}")
-    for name in ("poll_coalesce_seconds", "terminal_ttl_seconds", "shutdown_grace_seconds"):
+    for name in (
+        "poll_coalesce_seconds", "terminal_ttl_seconds", "shutdown_grace_seconds",
+        "stale_if_error_seconds",
+    ):  # fmt: skip
         if getattr(s, name) < 0:
             raise SettingsError(f"{name}: must be >= 0, got {getattr(s, name)}")
     if not s.allowed_providers:

@@ -74,4 +74,5 @@ async def delete(request: Request) -> Response:
     if 200 <= reply.status < 300:
         # Before answering, so the client's next poll cannot hit a stale entry.
         await services.cache.delete_video(video.canonical)
+        services.stale.forget(video.canonical)
     return reply_response(ex, reply, services.clock())

@@ -1,7 +1,9 @@
-"""GET …/videos/{video_id}: the cached, coalesced retrieve (both families)."""
+"""GET …/videos/{video_id}: the cached, coalesced retrieve (both families), and its
+long-poll form (``Prefer: wait=N``, RFC 7240)."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from typing import Any
@@ -9,13 +11,16 @@ from typing import Any
 import anyio
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope
 
 from .. import metrics
 from ..cache import Entry
+from ..errors import ProxyError
 from ..exchange import Exchange, Reply, reply_response
 from ..forwarder import call_json
 from ..ids import VideoId
 from ..policy import (
+    TERMINAL,
     EntryKind,
     RequestDirectives,
     cache_key,
@@ -25,44 +30,113 @@ from ..policy import (
     tenant_fingerprint,
 )
 from ..rewrite import dumps
+from ..routes import Route
 from ..services import Services
+from ..watch import job_state
 from .common import addressed
 
 
 async def retrieve(request: Request) -> Response:
     services, ex, route, video = addressed(request)
-    directives = request_directives(ex.header(b"cache-control"))
-    key = cache_key(route.family, video.canonical, tenant_fingerprint(ex.headers, services.secret))
-    query = request.scope.get("query_string", b"")
-    if query:  # Bifrost's retrieve takes none; if one is sent, it gets its own entry
-        key += "?" + query.decode("latin-1")
-    fetch = Fetch(services, ex, f"{route.prefix}/{video.upstream_segment}", key, video, query)
-    if directives.bypass:
-        ex.cache = "BYPASS"
-        return reply_response(ex, await fetch.from_upstream(directives), services.clock())
-    entry = services.cache.get_nowait(key)  # in-process stores answer without awaiting
-    if entry is not None and servable(entry.deadline, services.clock()):
-        reply = Reply(entry.status, entry.headers, entry.body, entry)
-        services.hot.remember(request.scope, key, entry, route.template, ex.provider)
-    else:
-        # Shared stores are read inside the single flight: a burst of identical
-        # polls costs one lookup (and at most one upstream call) per process.
-        reply, joined = await services.flights.run(key, lambda: fetch.shared(directives))
-        if reply.entry is None:
-            ex.cache = "COALESCED" if joined else "MISS"
-    if reply.entry is not None:
-        ex.cache = "HIT" if reply.entry.kind is EntryKind.TERMINAL else "COALESCED"
-    return reply_response(ex, reply, services.clock())
+    lookup = Lookup(services, ex, route, video, request.scope)
+    reply = await lookup.current(request_directives(ex.header(b"cache-control")))
+    wait = prefer_wait(ex.headers)
+    if wait is None:
+        return reply_response(ex, reply, services.clock())
+    return await long_poll(
+        services, lookup, reply, min(wait, services.settings.max_wait_seconds), request.receive
+    )
 
 
-class Fetch:
-    """Getting one retrieve answer when the in-process cache has none."""
+def prefer_wait(headers: list[tuple[bytes, bytes]]) -> float | None:
+    """``wait=N`` from the Prefer headers (RFC 7240); None when absent or malformed."""
+    for name, value in headers:
+        if name != b"prefer":
+            continue
+        for preference in value.split(b","):
+            token, _, rest = preference.split(b";")[0].strip().partition(b"=")
+            if token.strip().lower() == b"wait":
+                seconds = rest.strip().strip(b'"')
+                return float(seconds) if seconds.isdigit() and len(seconds) < 10 else None
+    return None
+
+
+async def long_poll(
+    services: Services, lookup: Lookup, reply: Reply, applied: float, receive: Receive
+) -> Response:
+    """The same job JSON a retrieve returns: at once if the job is terminal, else once
+    its status or progress changes, or after ``applied`` seconds with the latest one."""
+    ex = lookup.ex
+    state = job_state(reply)
+    watchers = services.watchers
+    if state is not None and state[0] not in TERMINAL and applied > 0 and not watchers.full():
+        started = time.perf_counter()
+        with watchers.join(
+            lookup.key, lookup.video.provider, lookup.poll, reply, "long_poll"
+        ) as watch:
+            changed = asyncio.ensure_future(watch.next_change(state, applied))
+            gone = asyncio.ensure_future(client_gone(receive))
+            await asyncio.wait({changed, gone}, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+            gone.cancel()
+            reply = watch.snapshot
+        metrics.WAIT_SECONDS.observe(time.perf_counter() - started)
+    response = reply_response(ex, reply, services.clock())
+    response.raw_headers.append((b"preference-applied", b"wait=%d" % applied))
+    return response
+
+
+async def client_gone(receive: Receive) -> None:
+    """Return once the client has disconnected (its request body, if any, is ignored)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class Lookup:
+    """One tenant's retrieve of one job: the cache key, and how to get the answer."""
 
     def __init__(
-        self, services: Services, ex: Exchange, path: str, key: str, video: VideoId, query: bytes
+        self, services: Services, ex: Exchange, route: Route, video: VideoId, scope: Scope
     ) -> None:
-        self.services, self.ex, self.path, self.key = services, ex, path, key
-        self.video, self.query = video, query
+        self.services, self.ex, self.video, self.scope = services, ex, video, scope
+        query = self.query = scope.get("query_string", b"")
+        self.path = f"{route.prefix}/{video.upstream_segment}"
+        self.route_template = route.template
+        key = cache_key(
+            route.family, video.canonical, tenant_fingerprint(ex.headers, services.secret)
+        )
+        if query:  # Bifrost's retrieve takes none; if one is sent, it gets its own entry
+            key += "?" + query.decode("latin-1")
+        self.key = key
+
+    async def current(self, directives: RequestDirectives) -> Reply:
+        """The answer to a plain retrieve now, ``ex.cache`` set to how it was found."""
+        services, ex = self.services, self.ex
+        if directives.bypass:
+            ex.cache = "BYPASS"
+            return await self.from_upstream(directives)
+        entry = services.cache.get_nowait(self.key)  # in-process stores answer at once
+        if entry is not None and servable(entry.deadline, services.clock()):
+            reply = Reply(entry.status, entry.headers, entry.body, entry)
+            services.hot.remember(self.scope, self.key, entry, self.route_template, ex.provider)
+        else:
+            # Shared stores are read inside the single flight: a burst of identical
+            # polls costs one lookup (and at most one upstream call) per process.
+            reply, joined = await services.flights.run(self.key, lambda: self.shared(directives))
+            if reply.entry is None:
+                ex.cache = "COALESCED" if joined else "MISS"
+        if reply.stale:
+            ex.cache = "STALE"
+        elif reply.entry is not None:
+            ex.cache = "HIT" if reply.entry.kind is EntryKind.TERMINAL else "COALESCED"
+        return reply
+
+    async def poll(self) -> Reply:
+        """A watcher's poll: through the same single flight and cache as plain polls."""
+        reply, _ = await self.services.flights.run(
+            self.key, lambda: self.shared(RequestDirectives())
+        )
+        return reply
 
     def _fresh(self, entry: Entry | None) -> Reply | None:
         if entry is not None and servable(entry.deadline, self.services.clock()):
@@ -90,11 +164,21 @@ class Fetch:
             await cache.unlock(self.key)
 
     async def from_upstream(self, directives: RequestDirectives) -> Reply:
-        """Call upstream for a retrieve and store what the rules allow."""
+        """Call upstream and store what the rules allow; a failure may be answered with
+        the job's last running snapshot (stale-if-error, RFC 5861)."""
         services = self.services
-        reply, doc = await call_json(
-            services, self.ex, self.path, self.video.provider, query=self.query, retry=True
-        )
+        try:
+            reply, doc = await call_json(
+                services, self.ex, self.path, self.video.provider, query=self.query, retry=True
+            )
+        except ProxyError as exc:
+            stale = services.stale.get(self.video.canonical, self.key, services.clock())
+            if stale is None or exc.status not in (502, 504):
+                raise
+            return stale
+        if reply.status == 429 or reply.status >= 500:
+            stale = services.stale.get(self.video.canonical, self.key, services.clock())
+            return stale or reply
         now = services.clock()
         decision = decide(
             reply.status, doc, len(reply.body), now, services.limits, directives, reply.headers
@@ -106,6 +190,7 @@ class Fetch:
                 decision.deadline,
             )  # fmt: skip
             await services.cache.put(self.key, entry)
+            services.stale.remember(self.video.canonical, self.key, entry)
             entries, size = services.cache.stats()
             metrics.CACHE_ENTRIES.set(entries)
             metrics.CACHE_BYTES.set(size)

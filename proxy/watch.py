@@ -1,0 +1,154 @@
+"""One watcher per running job that clients wait on (long-poll, SSE).
+
+A watcher is keyed like the cache (family, canonical id, tenant fingerprint), so
+tenants never share one. While it has waiters it polls through the same single flight
+and shared cache as plain polls, at most once per ``poll_coalesce_seconds`` (longer when
+the upstream sends ``Retry-After``), and wakes every waiter when the job's status or
+progress changes. It stops when the job is terminal, when its last waiter leaves, or at
+shutdown. With the Redis backend every replica's watcher reads the shared cache first,
+so the upstream still sees one poll per interval per job across replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from . import metrics
+from .errors import ProxyError
+from .exchange import Reply
+from .policy import TERMINAL
+from .rewrite import parse_json_object
+from .transitions import provider_label
+
+log = logging.getLogger("proxy.watch")
+Poll = Callable[[], Awaitable[Reply]]
+
+
+def job_state(reply: Reply) -> tuple[str, Any] | None:
+    """(status, progress) of a 200 job answer; None for anything else."""
+    if reply.status != 200:
+        return None
+    doc = parse_json_object(reply.body)
+    if doc is None or not isinstance(doc.get("status"), str):
+        return None
+    return doc["status"], doc.get("progress")
+
+
+def event_id(state: tuple[str, Any]) -> str:
+    """A stable id for a job state: the same on every replica and every reconnect."""
+    return hashlib.sha256(repr(state).encode()).hexdigest()[:16]
+
+
+def retry_after(reply: Reply) -> float:
+    for name, value in reply.headers:
+        if name == b"retry-after" and value.strip().isdigit():
+            return float(value)
+    return 0.0
+
+
+class Watch:
+    """The latest snapshot of one job, and a way to wait for the next one."""
+
+    def __init__(self, key: str, provider: str, poll: Poll, first: Reply, interval: float):
+        self.key, self.provider, self.poll, self.interval = key, provider, poll, interval
+        self.snapshot = first
+        self.state = job_state(first)
+        self.waiters = 0
+        self._changed = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state is not None and self.state[0] in TERMINAL
+
+    async def next_change(self, seen: tuple[str, Any] | None, timeout: float) -> None:
+        """Return once the state differs from ``seen`` (or is terminal), or on timeout."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self.state == seen and not self.terminal:
+                    await self._changed.wait()
+
+    def publish(self, reply: Reply) -> None:
+        state = job_state(reply)
+        if state is None:
+            return  # an error or odd answer: keep the last good snapshot
+        self.snapshot = reply
+        if state != self.state:
+            self.state = state
+            changed, self._changed = self._changed, asyncio.Event()
+            changed.set()
+
+    async def run(self) -> None:
+        delay = self.interval
+        while self.waiters > 0 and not self.terminal:
+            await asyncio.sleep(delay)
+            delay = self.interval
+            try:
+                reply = await self.poll()
+            except ProxyError:
+                continue  # an upstream failure: try again next interval
+            metrics.WATCH_POLLS.labels(provider_label(self.provider)).inc()
+            delay = max(self.interval, retry_after(reply))
+            self.publish(reply)
+
+
+class Watchers:
+    """The running watchers of this process."""
+
+    def __init__(self, interval: float, max_waiters: int) -> None:
+        self.interval = interval
+        self.max_waiters = max_waiters
+        self._watches: dict[str, Watch] = {}
+        self.waiters = 0
+
+    def full(self) -> bool:
+        return self.waiters >= self.max_waiters
+
+    @contextlib.contextmanager
+    def join(self, key: str, provider: str, poll: Poll, first: Reply, kind: str) -> Any:
+        """Wait on the job under ``key`` for the block's duration."""
+        watch = self._watches.get(key)
+        if watch is None:
+            watch = self._watches[key] = Watch(key, provider, poll, first, self.interval)
+        else:
+            watch.publish(first)
+        watch.waiters += 1
+        self.waiters += 1
+        gauge = metrics.WAITERS.labels(kind)
+        gauge.inc()
+        if watch.task is None or watch.task.done():
+            watch.task = asyncio.ensure_future(self._run(watch))
+        try:
+            yield watch
+        finally:
+            gauge.dec()
+            self.waiters -= 1
+            watch.waiters -= 1
+            if watch.waiters == 0:  # nobody waits: stop polling now, forget the job
+                if watch.task is not None:
+                    watch.task.cancel()
+                if self._watches.get(key) is watch:
+                    del self._watches[key]
+
+    async def _run(self, watch: Watch) -> None:
+        try:
+            await watch.run()
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # a watcher must never take a request down with it
+            log.exception("watcher failed")
+
+    def __len__(self) -> int:
+        return len(self._watches)
+
+    async def aclose(self) -> None:
+        tasks = [w.task for w in self._watches.values() if w.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._watches.clear()
