@@ -82,10 +82,12 @@ class Services:
         self.hot.cache = self.cache
         self.tracker = StatusTracker(swap=getattr(self.cache, "swap_status", None))
         flusher = asyncio.ensure_future(self._flush_loop())
+        listener = asyncio.ensure_future(self.cache.listen(self.watchers.stored))
         try:
             yield self
         finally:
             flusher.cancel()
+            listener.cancel()
             await self.watchers.aclose()
             self.flush()
             await self.upstream.aclose()

@@ -61,6 +61,7 @@ class Watch:
         self.waiters = 0
         self._changed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self._refreshing: asyncio.Future[None] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -82,6 +83,15 @@ class Watch:
             self.state = state
             changed, self._changed = self._changed, asyncio.Event()
             changed.set()
+
+    def refresh(self) -> None:
+        """Poll now (once), outside the interval."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._refresh())
+
+    async def _refresh(self) -> None:
+        with contextlib.suppress(ProxyError):
+            self.publish(await self.poll())
 
     async def run(self) -> None:
         delay = self.interval
@@ -142,6 +152,13 @@ class Watchers:
             pass
         except Exception:  # a watcher must never take a request down with it
             log.exception("watcher failed")
+
+    def stored(self, key: str) -> None:
+        """Another process stored a new answer under ``key``: waiters here need not
+        wait for their own next poll (it reads that answer from the shared cache)."""
+        watch = self._watches.get(key)
+        if watch is not None and not watch.terminal:
+            watch.refresh()
 
     def __len__(self) -> int:
         return len(self._watches)

@@ -135,3 +135,41 @@ def test_redis_backend_requires_a_secret() -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "cache_key_secret: required" in result.stderr
+
+
+def test_a_waiter_on_one_replica_wakes_from_another_replicas_poll(
+    redis: RedisServer, upstream: Upstream, tmp_path: Any
+) -> None:
+    """B waits (its own watcher would poll only every 10 s); A's poll stores the
+    completed job, Redis pub/sub tells B, and B answers at once."""
+    import threading
+
+    from tests.servers import wait_until
+    from tests.test_metrics import scrape, value
+
+    env = {**redis_env(redis), "PROXY_POLL_COALESCE_SECONDS": "10"}
+    with (
+        run_proxy(upstream.url, env=env, tmp_path=tmp_path) as a,
+        run_proxy(upstream.url, env=env, tmp_path=tmp_path) as b,
+    ):
+        vid = create(a.url)["id"]
+        out: list[httpx.Response] = []
+        waiter = threading.Thread(
+            target=lambda: out.append(
+                httpx.get(
+                    f"{b.url}/v1/videos/{vid}", headers={**ALICE, "Prefer": "wait=60"}, timeout=70
+                )
+            )
+        )
+        waiter.start()
+        wait_until(
+            lambda: value(scrape(b.url), "bifrost_proxy_waiters", kind="long_poll") == 1,
+            what="B's client waits",
+        )
+        upstream.clock.advance(31)  # completed upstream
+        r = httpx.get(f"{a.url}/v1/videos/{vid}", headers={**ALICE, "Cache-Control": "no-cache"})
+        assert r.json()["status"] == "completed"
+        waiter.join(3)  # well before B's own next poll (10 s)
+        assert not waiter.is_alive()
+        assert out[0].json()["status"] == "completed"
+        assert out[0].headers["preference-applied"] == "wait=60"

@@ -265,3 +265,26 @@ def test_stale_answers_are_counted(make_proxy: Any, upstream: Upstream) -> None:
     with connect(base) as sock:  # nothing else changed in how a plain poll is framed
         sock.sendall(f"GET /v1/videos/{video} HTTP/1.1\r\nHost: p\r\n\r\n".encode())
         assert read_response(sock).status == 404
+
+
+def test_long_poll_with_two_workers(upstream: Upstream, tmp_path: Any) -> None:
+    from tests.servers import run_proxy
+    from tests.test_metrics import scrape, value
+
+    env = {"PROXY_POLL_COALESCE_SECONDS": "0.05"}
+    with run_proxy(upstream.url, "--workers", "2", env=env, tmp_path=tmp_path) as proc:
+        video = create(proc.url)["id"]
+        url = f"{proc.url}/v1/videos/{video}"
+        threads = [
+            in_background(
+                lambda: httpx.get(url, headers={**ALICE, "Prefer": "wait=30"}, timeout=60)
+            )
+            for _ in range(6)
+        ]
+        # The gauge sums both workers, whichever answers the scrape.
+        wait_until(lambda: value(scrape(proc.url), "bifrost_proxy_waiters", kind="long_poll") == 6)
+        upstream.clock.advance(31)
+        for thread, _ in threads:
+            thread.join(30)
+        assert [out[0].json()["status"] for _, out in threads] == ["completed"] * 6
+        wait_until(lambda: value(scrape(proc.url), "bifrost_proxy_waiters", kind="long_poll") == 0)

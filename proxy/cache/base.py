@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -74,6 +75,11 @@ class CacheStore(Protocol):
     async def unlock(self, key: str) -> None: ...
 
     async def aclose(self) -> None: ...
+
+    async def listen(self, on_key: Callable[[str], None]) -> None:
+        """Call ``on_key`` for every key any replica stores, until cancelled (for
+        waiting clients on other replicas); in-process stores return at once."""
+        ...
 
     def stats(self) -> tuple[int, int]:
         """(entries, bytes) held, as far as this process knows."""

@@ -80,5 +80,8 @@ class MemoryStore:
     async def aclose(self) -> None:
         return None
 
+    async def listen(self, on_key: Callable[[str], None]) -> None:
+        return  # one process: its watchers see their own puts
+
     def stats(self) -> tuple[int, int]:
         return len(self._cache), int(self._cache.currsize)

@@ -26,6 +26,9 @@ PREFIX = "bvp:"
 BREAKER_SECONDS = 0.5
 LOG_EVERY_SECONDS = 10.0
 STATUS_TTL_SECONDS = 7 * 24 * 3600
+# Every stored key is announced here, so watchers on other replicas wake at once.
+CHANNEL = PREFIX + "stored"
+LISTEN_RETRY_SECONDS = 1.0
 
 
 class RedisStore:
@@ -94,6 +97,7 @@ class RedisStore:
                 pipe.sadd(index, key)
                 pipe.pexpire(index, ttl_ms, gt=True)
                 pipe.pexpire(index, ttl_ms, nx=True)
+                pipe.publish(CHANNEL, key)
                 await pipe.execute()
 
         await self._run("set", write, None)
@@ -162,6 +166,23 @@ class RedisStore:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+    async def listen(self, on_key: Callable[[str], None]) -> None:
+        """Subscribe to the stored-keys channel; resubscribe after any failure."""
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(CHANNEL)
+                while True:
+                    message = await pubsub.get_message(timeout=None)
+                    if message is not None and message.get("type") == "message":
+                        data = message["data"]
+                        on_key(data.decode() if isinstance(data, bytes) else str(data))
+            except (RedisError, OSError) as exc:
+                log.debug("redis subscription lost (%s): resubscribing", type(exc).__name__)
+                await asyncio.sleep(LISTEN_RETRY_SECONDS)
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def stats(self) -> tuple[int, int]:
         # Writes by this process (the shared total lives in Redis: INFO keyspace).
