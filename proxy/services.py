@@ -63,7 +63,7 @@ class Services:
         self.tracker = StatusTracker()
         self.hot = HitMemo(clock)
         # Waiting clients (long-poll, SSE) share one watcher per job and tenant.
-        self.watchers = Watchers(settings.poll_coalesce_seconds or 1.0, settings.max_waiters)
+        self.watchers = Watchers(settings.poll_coalesce_seconds or 1.0, settings.max_waiters, clock)
         self.stale = StaleSnapshots(settings.stale_if_error_seconds)
         # Access lines are buffered and written in batches (every FLUSH_SECONDS and at
         # shutdown): the logging machinery per request cost ~10% of a pass-through.

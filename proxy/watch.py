@@ -54,9 +54,12 @@ def retry_after(reply: Reply) -> float:
 class Watch:
     """The latest snapshot of one job, and a way to wait for the next one."""
 
-    def __init__(self, key: str, provider: str, poll: Poll, first: Reply, interval: float):
+    def __init__(
+        self, key: str, provider: str, poll: Poll, first: Reply, interval: float, now: float
+    ) -> None:
         self.key, self.provider, self.poll, self.interval = key, provider, poll, interval
         self.snapshot = first
+        self.fresh_until = now + interval
         self.state = job_state(first)
         self.waiters = 0
         self._changed = asyncio.Event()
@@ -74,26 +77,27 @@ class Watch:
                 while self.state == seen and not self.terminal:
                     await self._changed.wait()
 
-    def publish(self, reply: Reply) -> None:
+    def publish(self, reply: Reply, now: float) -> None:
         state = job_state(reply)
         if state is None:
             return  # an error or odd answer: keep the last good snapshot
         self.snapshot = reply
+        self.fresh_until = now + self.interval
         if state != self.state:
             self.state = state
             changed, self._changed = self._changed, asyncio.Event()
             changed.set()
 
-    def refresh(self) -> None:
+    def refresh(self, clock: Callable[[], float]) -> None:
         """Poll now (once), outside the interval."""
         if self._refreshing is None or self._refreshing.done():
-            self._refreshing = asyncio.ensure_future(self._refresh())
+            self._refreshing = asyncio.ensure_future(self._refresh(clock))
 
-    async def _refresh(self) -> None:
+    async def _refresh(self, clock: Callable[[], float]) -> None:
         with contextlib.suppress(ProxyError):
-            self.publish(await self.poll())
+            self.publish(await self.poll(), clock())
 
-    async def run(self) -> None:
+    async def run(self, clock: Callable[[], float]) -> None:
         delay = self.interval
         while self.waiters > 0 and not self.terminal:
             await asyncio.sleep(delay)
@@ -104,14 +108,15 @@ class Watch:
                 continue  # an upstream failure: try again next interval
             metrics.WATCH_POLLS.labels(provider_label(self.provider)).inc()
             delay = max(self.interval, retry_after(reply))
-            self.publish(reply)
+            self.publish(reply, clock())
 
 
 class Watchers:
     """The running watchers of this process."""
 
-    def __init__(self, interval: float, max_waiters: int) -> None:
+    def __init__(self, interval: float, max_waiters: int, clock: Callable[[], float]) -> None:
         self.interval = interval
+        self.clock = clock
         self.max_waiters = max_waiters
         self._watches: dict[str, Watch] = {}
         self.waiters = 0
@@ -124,9 +129,10 @@ class Watchers:
         """Wait on the job under ``key`` for the block's duration."""
         watch = self._watches.get(key)
         if watch is None:
-            watch = self._watches[key] = Watch(key, provider, poll, first, self.interval)
+            watch = Watch(key, provider, poll, first, self.interval, self.clock())
+            self._watches[key] = watch
         else:
-            watch.publish(first)
+            watch.publish(first, self.clock())
         watch.waiters += 1
         self.waiters += 1
         gauge = metrics.WAITERS.labels(kind)
@@ -147,7 +153,7 @@ class Watchers:
 
     async def _run(self, watch: Watch) -> None:
         try:
-            await watch.run()
+            await watch.run(self.clock)
         except asyncio.CancelledError:
             pass
         except Exception:  # a watcher must never take a request down with it
@@ -158,7 +164,15 @@ class Watchers:
         wait for their own next poll (it reads that answer from the shared cache)."""
         watch = self._watches.get(key)
         if watch is not None and not watch.terminal:
-            watch.refresh()
+            watch.refresh(self.clock)
+
+    def fresh(self, key: str) -> Reply | None:
+        """The snapshot of a running job watched here, if younger than one interval:
+        clients that re-poll after each wake-up get it without asking the cache."""
+        watch = self._watches.get(key)
+        if watch is None or watch.terminal or self.clock() >= watch.fresh_until:
+            return None
+        return watch.snapshot
 
     def __len__(self) -> int:
         return len(self._watches)

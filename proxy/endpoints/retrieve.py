@@ -119,6 +119,9 @@ class Lookup:
         if entry is not None and servable(entry.deadline, services.clock()):
             reply = Reply(entry.status, entry.headers, entry.body, entry)
             services.hot.remember(self.scope, self.key, entry, self.route_template, ex.provider)
+        elif (watched := services.watchers.fresh(self.key)) is not None:
+            reply = watched  # waiting clients re-polling after a wake-up: no cache trip
+            ex.cache = "COALESCED"
         else:
             # Shared stores are read inside the single flight: a burst of identical
             # polls costs one lookup (and at most one upstream call) per process.
