@@ -162,9 +162,22 @@ def test_a_waiter_on_one_replica_wakes_from_another_replicas_poll(
             )
         )
         waiter.start()
+        events: list[bytes] = []
+
+        def follow() -> None:
+            with httpx.stream(
+                "GET", f"{b.url}/v1/videos/{vid}/events", headers=ALICE, timeout=70
+            ) as r:
+                events.extend(line for line in r.iter_bytes() if b"data: " in line)
+
+        streamer = threading.Thread(target=follow)
+        streamer.start()
         wait_until(
-            lambda: value(scrape(b.url), "bifrost_proxy_waiters", kind="long_poll") == 1,
-            what="B's client waits",
+            lambda: (
+                value(scrape(b.url), "bifrost_proxy_waiters", kind="long_poll") == 1
+                and value(scrape(b.url), "bifrost_proxy_waiters", kind="sse") == 1
+            ),
+            what="B's clients wait",
         )
         upstream.clock.advance(31)  # completed upstream
         r = httpx.get(f"{a.url}/v1/videos/{vid}", headers={**ALICE, "Cache-Control": "no-cache"})
@@ -173,3 +186,5 @@ def test_a_waiter_on_one_replica_wakes_from_another_replicas_poll(
         assert not waiter.is_alive()
         assert out[0].json()["status"] == "completed"
         assert out[0].headers["preference-applied"] == "wait=60"
+        streamer.join(3)  # the SSE stream on B ended with the terminal event, too
+        assert not streamer.is_alive() and b'"completed"' in b"".join(events)
