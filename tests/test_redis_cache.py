@@ -188,3 +188,19 @@ def test_a_waiter_on_one_replica_wakes_from_another_replicas_poll(
         assert out[0].headers["preference-applied"] == "wait=60"
         streamer.join(3)  # the SSE stream on B ended with the terminal event, too
         assert not streamer.is_alive() and b'"completed"' in b"".join(events)
+
+
+def test_stale_if_error_with_the_redis_backend(
+    redis: RedisServer, upstream: Upstream, tmp_path: Any
+) -> None:
+    env = {**redis_env(redis), "PROXY_POLL_COALESCE_SECONDS": "0.2"}
+    with run_proxy(upstream.url, env=env, tmp_path=tmp_path) as a:
+        vid = create(a.url)["id"]
+        assert status(a.url, vid) == (200, "MISS")  # a running snapshot, stored
+        for _ in range(3):  # the coalescing window (0.2 s, real time) may not be over yet
+            upstream.sim.state.faults.append({"status": 503, "body": b"{}"})
+        from tests.servers import wait_until
+
+        wait_until(lambda: status(a.url, vid) == (200, "STALE"), what="a STALE answer")
+        upstream.sim.state.faults.clear()
+        assert status(a.url, vid)[0] == 200

@@ -222,10 +222,13 @@ def test_sse_bad_id_and_unknown_job_are_ordinary_answers(
 # -- stale-if-error -----------------------------------------------------------------------------
 
 
-def test_stale_if_error_serves_a_running_snapshot(make_proxy: Any, upstream: Upstream) -> None:
+@pytest.mark.parametrize("prefix", FAMILIES)
+def test_stale_if_error_serves_a_running_snapshot(
+    make_proxy: Any, upstream: Upstream, prefix: str
+) -> None:
     base = make_proxy(poll_coalesce_seconds=1, stale_if_error_seconds=60)
     video = create(base)["id"]
-    url = f"{base}/v1/videos/{video}"
+    url = f"{base}{prefix}/videos/{video}"
     assert httpx.get(url, headers=ALICE).headers["x-cache-status"] == "MISS"
     upstream.clock.advance(5)  # the coalesced entry expired; still queued upstream
     upstream.sim.state.faults.append({"status": 503, "body": b'{"error":"busy"}'})
