@@ -1,0 +1,111 @@
+"""A/B of two source trees: HIT and pass-through, each against same-run baselines.
+
+    python -m tests.perf.ab BEFORE_TREE [AFTER_TREE] [--rounds 3]
+
+For example ``git worktree add /tmp/before HEAD~3`` then ``python -m tests.perf.ab
+/tmp/before``: both proxies (the console script, each importing its own tree) run
+side by side against one nginx, alternating with the bare Starlette and aiohttp
+reference baselines, so a change's cost is measured on the same noisy machine at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import tempfile
+from pathlib import Path
+
+import httpx
+
+from tests.perf.__main__ import DISTINCT_IDS, HERE, nginx, process, proxy_cmd, uvicorn_cmd, wrk
+from tests.servers import free_port
+
+parser = argparse.ArgumentParser(prog="python -m tests.perf.ab")
+parser.add_argument("before")
+parser.add_argument("after", nargs="?", default=str(HERE.parent.parent))
+parser.add_argument("--rounds", type=int, default=3)
+args = parser.parse_args()
+work = Path(tempfile.mkdtemp(prefix="bvp-ab-"))
+(work / "d.lua").write_text(DISTINCT_IDS)
+trees = {"before": args.before, "after": args.after}
+auth = {"Authorization": "Bearer sk-bf-bench"}
+rounds, secs = args.rounds, 4.0
+with nginx(work) as up, contextlib.ExitStack() as stack:
+    ports = {}
+    for name, tree in trees.items():
+        p = free_port()
+        ports[name] = p
+        stack.enter_context(
+            process(
+                proxy_cmd(up, p),
+                f"http://127.0.0.1:{p}/healthz",
+                env={"PYTHONPATH": tree, "PROXY_POLL_COALESCE_SECONDS": "0"},
+                log=work / f"{name}.log",
+            )
+        )
+        hit_url = f"http://127.0.0.1:{p}/v1/videos/done_hit:openai"
+        httpx.get(hit_url, headers=auth)
+        assert httpx.get(hit_url, headers=auth).headers["x-cache-status"] == "HIT"
+        (work / "hit.json").write_bytes(httpx.get(hit_url, headers=auth).content)
+    env = {
+        "BENCH_HIT_BODY": str(work / "hit.json"),
+        "BENCH_UPSTREAM": up,
+        "PYTHONPATH": args.after,
+    }
+    bp, rp = free_port(), free_port()
+    stack.enter_context(
+        process(
+            uvicorn_cmd("tests.perf.baselines:bare", bp, env),
+            f"http://127.0.0.1:{bp}/v1/videos/x",
+            env=env,
+        )
+    )
+    stack.enter_context(
+        process(
+            uvicorn_cmd("tests.perf.baselines:reference", rp, env),
+            f"http://127.0.0.1:{rp}/v1/videos/x",
+            env=env,
+        )
+    )
+    res = {k: [] for k in ("bare", "ref", "hit_before", "hit_after", "pt_before", "pt_after")}
+    for _ in range(rounds):
+        res["bare"].append(wrk(f"http://127.0.0.1:{bp}/v1/videos/done_hit:openai", secs)["rps"])
+        for name in trees:
+            res[f"hit_{name}"].append(
+                wrk(
+                    f"http://127.0.0.1:{ports[name]}/v1/videos/done_hit:openai",
+                    secs,
+                    headers=auth,
+                )["rps"]
+            )
+        res["ref"].append(wrk(f"http://127.0.0.1:{rp}/", secs, script=work / "d.lua")["rps"])
+        for name in trees:
+            res[f"pt_{name}"].append(
+                wrk(
+                    f"http://127.0.0.1:{ports[name]}/",
+                    secs,
+                    script=work / "d.lua",
+                    headers=auth,
+                )["rps"]
+            )
+    for k, v in res.items():
+        print(k, [round(x) for x in v])
+    for name in trees:
+        print(
+            name,
+            "HIT/bare",
+            round(
+                statistics.median(
+                    h / b for h, b in zip(res[f"hit_{name}"], res["bare"], strict=True)
+                ),
+                2,
+            ),
+            "pass/ref",
+            round(
+                statistics.median(
+                    h / b for h, b in zip(res[f"pt_{name}"], res["ref"], strict=True)
+                ),
+                2,
+            ),
+        )
