@@ -39,6 +39,7 @@ class Services:
 
     upstream: Upstream
     cache: CacheStore
+    loop: asyncio.AbstractEventLoop
 
     def __init__(
         self,
@@ -75,6 +76,7 @@ class Services:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Services]:
         """Open the upstream pool and the cache; close them (after a flush) on exit."""
+        self.loop = asyncio.get_running_loop()
         self.upstream = Upstream(self.settings, self.transport)
         self.cache = create_store(
             self.settings, self.clock, self.on_cache_error, metrics.CACHE_EVICTIONS.inc
@@ -110,9 +112,11 @@ class Services:
     def watch_sigterm(self) -> None:
         """Flag draining on SIGTERM, then let the server's own handler run."""
         previous = signal.getsignal(signal.SIGTERM)
+        loop = self.loop
 
         def on_term(signum: int, frame: Any) -> None:
             self.draining = True
+            loop.call_soon_threadsafe(self.watchers.release_all)
             if callable(previous):
                 previous(signum, frame)
 

@@ -62,6 +62,7 @@ class Watch:
         self.fresh_until = now + interval
         self.state = job_state(first)
         self.waiters = 0
+        self.closing = False  # shutting down: waiters get the latest snapshot now
         self._changed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self._refreshing: asyncio.Future[None] | None = None
@@ -74,8 +75,13 @@ class Watch:
         """Return once the state differs from ``seen`` (or is terminal), or on timeout."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                while self.state == seen and not self.terminal:
+                while self.state == seen and not self.terminal and not self.closing:
                     await self._changed.wait()
+
+    def close(self) -> None:
+        self.closing = True
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     def publish(self, reply: Reply, now: float) -> None:
         state = job_state(reply)
@@ -120,9 +126,11 @@ class Watchers:
         self.max_waiters = max_waiters
         self._watches: dict[str, Watch] = {}
         self.waiters = 0
+        self.closing = False
 
     def full(self) -> bool:
-        return self.waiters >= self.max_waiters
+        """No more waiting: past max_waiters, or shutting down."""
+        return self.closing or self.waiters >= self.max_waiters
 
     @contextlib.contextmanager
     def join(self, key: str, provider: str, poll: Poll, first: Reply, kind: str) -> Any:
@@ -176,6 +184,13 @@ class Watchers:
 
     def __len__(self) -> int:
         return len(self._watches)
+
+    def release_all(self) -> None:
+        """Shutting down: every waiter is answered now with what is known, so a
+        graceful stop does not wait out long-polls and streams."""
+        self.closing = True
+        for watch in self._watches.values():
+            watch.close()
 
     async def aclose(self) -> None:
         tasks = [w.task for w in self._watches.values() if w.task is not None]

@@ -291,3 +291,28 @@ def test_long_poll_with_two_workers(upstream: Upstream, tmp_path: Any) -> None:
             thread.join(30)
         assert [out[0].json()["status"] for _, out in threads] == ["completed"] * 6
         wait_until(lambda: value(scrape(proc.url), "bifrost_proxy_waiters", kind="long_poll") == 0)
+
+
+def test_sigterm_answers_waiting_clients_at_once(upstream: Upstream, tmp_path: Any) -> None:
+    """A graceful stop does not wait out long-polls: each gets the latest snapshot."""
+    import signal
+    import time
+
+    from tests.servers import run_proxy
+
+    env = {"PROXY_POLL_COALESCE_SECONDS": "0.05", "PROXY_SHUTDOWN_GRACE_SECONDS": "30"}
+    with run_proxy(upstream.url, env=env, tmp_path=tmp_path) as proc:
+        video = create(proc.url)["id"]
+        url = f"{proc.url}/v1/videos/{video}"
+        thread, out = in_background(
+            lambda: httpx.get(url, headers={**ALICE, "Prefer": "wait=60"}, timeout=70)
+        )
+        from tests.test_metrics import scrape, value
+
+        wait_until(lambda: value(scrape(proc.url), "bifrost_proxy_waiters", kind="long_poll") == 1)
+        started = time.monotonic()
+        proc.process.send_signal(signal.SIGTERM)
+        thread.join(20)
+        assert out and out[0].status_code == 200 and out[0].json()["status"] == "queued"
+        assert proc.process.wait(20) == 0
+        assert time.monotonic() - started < 10  # not the 60 s wait, nor the 30 s grace

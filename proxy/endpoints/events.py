@@ -81,6 +81,8 @@ class EventStream(Response):
                     watch, state, min(settings.sse_keepalive_seconds, remaining), gone
                 ):
                     return  # the client left
+                if watch.closing:
+                    return  # shutting down: the client reconnects (Last-Event-ID) elsewhere
                 if watch.state is not None and watch.state != state:
                     state = watch.state
                     await self._send(send, event(watch.snapshot.body, state))
