@@ -19,8 +19,9 @@ log = logging.getLogger("proxy")
 
 # Never forwarded: the proxy writes its own (X-Forwarded-*, X-Request-ID, Host).
 _STRIP_FROM_REQUEST = frozenset(
-    {b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
-)
+    {b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+     b"x-proxy-webhook"}
+)  # fmt: skip
 _STRIP_FROM_ANSWER = frozenset({b"content-length", b"x-request-id"})
 # Upstream JSON answers are read whole; anything larger is refused with 502.
 MAX_JSON_ANSWER_BYTES = 256 * 1024 * 1024

@@ -88,6 +88,19 @@ WAIT_SECONDS = Histogram(
     "bifrost_proxy_wait_seconds", "How long long-poll retrieves waited.",
     buckets=(0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 120, 300),
 )  # fmt: skip
+WEBHOOK_DELIVERIES = Counter(
+    "bifrost_proxy_webhook_deliveries_total",
+    "Webhook delivery attempts: delivered (2xx), failed, error (no answer), gone (410).",
+    ["endpoint", "outcome"],
+)
+WEBHOOK_SECONDS = Histogram(
+    "bifrost_proxy_webhook_delivery_seconds", "Time of one webhook delivery attempt.",
+    buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+WEBHOOKS_PENDING = Gauge(
+    "bifrost_proxy_webhooks_pending", "Jobs followed, or events being delivered, for webhooks.",
+    multiprocess_mode="livesum",
+)  # fmt: skip
 BUILD_INFO = Gauge(
     "bifrost_proxy_build_info", "The running version.", ["version"], multiprocess_mode="max"
 )

@@ -28,6 +28,7 @@ from .stale import StaleSnapshots
 from .transitions import StatusTracker
 from .upstream import Upstream
 from .watch import Watchers
+from .webhooks import Webhooks
 
 log = logging.getLogger("proxy")
 FLUSH_SECONDS = 1.0
@@ -66,6 +67,7 @@ class Services:
         # Waiting clients (long-poll, SSE) share one watcher per job and tenant.
         self.watchers = Watchers(settings.poll_coalesce_seconds or 1.0, settings.max_waiters, clock)
         self.stale = StaleSnapshots(settings.stale_if_error_seconds)
+        self.webhooks = Webhooks(settings)
         # Access lines are buffered and written in batches (every FLUSH_SECONDS and at
         # shutdown): the logging machinery per request cost ~10% of a pass-through.
         self.access_rows: list[dict[str, Any]] = []
@@ -91,6 +93,7 @@ class Services:
             flusher.cancel()
             listener.cancel()
             await self.watchers.aclose()
+            await self.webhooks.aclose()
             self.flush()
             await self.upstream.aclose()
             await self.cache.aclose()

@@ -7,6 +7,7 @@ test keeps them in sync.
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
 import tomllib
@@ -61,6 +62,12 @@ class Settings:
     max_waiters: int = 10000
     sse_keepalive_seconds: float = 15.0
     stale_if_error_seconds: float = 60.0
+    webhook_url: str = ""
+    webhook_secret: str = ""
+    webhook_poll_seconds: float = 5.0
+    webhook_follow_max_seconds: float = 6 * 3600.0
+    webhook_timeout_seconds: float = 10.0
+    webhook_retry_schedule: str = "5,300,1800,7200,18000,36000,36000"
     admin_token: str = ""
     metrics_port: int = 0
 
@@ -117,6 +124,12 @@ HELP: dict[str, str] = {
     "max_waiters": "Most clients waiting at once; past it a long-poll is a plain poll.",
     "sse_keepalive_seconds": "Interval of keepalive comments on SSE status streams.",
     "stale_if_error_seconds": "Upstream failing: serve a running job's snapshot this old; 0: off.",
+    "webhook_url": "Endpoint 'default' for job webhooks (X-Proxy-Webhook: default); empty: off.",
+    "webhook_secret": "Signing secret of the default endpoint (whsec_…, Standard Webhooks).",
+    "webhook_poll_seconds": "How often a job followed for a webhook is polled.",
+    "webhook_follow_max_seconds": "How long a job is followed before it is given up.",
+    "webhook_timeout_seconds": "Time allowed for one webhook delivery attempt.",
+    "webhook_retry_schedule": "Seconds between delivery retries, comma-separated.",
     "admin_token": "Bearer token enabling DELETE /admin/cache…; empty: disabled.",
     "metrics_port": "Also serve /metrics on this port (0: only on the main port).",
 }
@@ -230,7 +243,8 @@ def validate(s: Settings) -> None:
         "content_timeout_seconds", "redis_timeout_seconds", "max_ttl_seconds",
         "client_body_timeout_seconds", "client_header_timeout_seconds",
         "max_header_bytes", "keepalive_timeout_seconds", "max_wait_seconds", "max_waiters",
-        "sse_keepalive_seconds",
+        "sse_keepalive_seconds", "webhook_poll_seconds", "webhook_follow_max_seconds",
+        "webhook_timeout_seconds",
         "max_request_bytes", "max_id_length", "cache_max_bytes",
         "cache_max_entry_bytes", "upstream_max_connections",
     )  # fmt: skip
@@ -253,6 +267,7 @@ def validate(s: Settings) -> None:
             raise SettingsError(f"provider_aliases: {alias!r} = {target!r} is not valid")
     if s.list_default_provider and not PROVIDER_RE.fullmatch(s.list_default_provider):
         raise SettingsError(f"list_default_provider: {s.list_default_provider!r} is not valid")
+    validate_webhooks(s)
     if s.cache_backend == "redis":
         if not s.cache_key_secret:
             raise SettingsError(
@@ -260,3 +275,30 @@ def validate(s: Settings) -> None:
             )
         if urlsplit(s.redis_url).scheme not in ("redis", "rediss", "unix"):
             raise SettingsError("redis_url: must be a redis://, rediss:// or unix:// URL")
+
+
+def validate_webhooks(s: Settings) -> None:
+    """The default webhook endpoint: a URL and a whsec_ secret together, or neither."""
+    if s.webhook_url:
+        url = urlsplit(s.webhook_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise SettingsError("webhook_url: must be an http(s) URL")
+        if not s.webhook_secret:
+            raise SettingsError("webhook_secret: required with webhook_url")
+    if s.webhook_secret:  # never echoed: the message names the problem only
+        try:
+            if not s.webhook_secret.startswith("whsec_"):
+                raise ValueError
+            base64.b64decode(s.webhook_secret[6:], validate=True)
+        except ValueError:
+            raise SettingsError("webhook_secret: must be whsec_ followed by base64") from None
+    try:
+        delays = retry_schedule(s.webhook_retry_schedule)
+    except ValueError:
+        raise SettingsError("webhook_retry_schedule: comma-separated seconds (>= 0)") from None
+    if any(d < 0 for d in delays):
+        raise SettingsError("webhook_retry_schedule: comma-separated seconds (>= 0)")
+
+
+def retry_schedule(text: str) -> list[float]:
+    return [float(part) for part in text.split(",") if part.strip()]

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from ..errors import ProxyError
-from ..exchange import JSON_TYPE, reply_response
+from ..exchange import JSON_TYPE, Exchange, Reply, reply_response
 from ..forwarder import call_json
-from ..ids import InvalidVideoId, normalize_provider
+from ..ids import InvalidVideoId, normalize_provider, parse_decoded
 from ..multipart import to_json_body
 from ..rewrite import parse_json_object
+from ..routes import Kind, Route
+from ..services import Services
+from ..webhooks import HEADER, Endpoint
 from .common import addressed, context
+from .retrieve import Lookup
 
 
 async def create(request: Request) -> Response:
@@ -26,6 +31,7 @@ async def remix(request: Request) -> Response:
 
 async def _create_or_remix(request: Request, *, remix: bool) -> Response:
     services, ex, route = context(request)
+    webhook = services.webhooks.endpoint(ex.header(HEADER))  # unknown: 400, nothing sent
     ctype = (ex.header(b"content-type") or b"").split(b";")[0].strip().lower()
     multipart = ctype == b"multipart/form-data"
     replace: frozenset[bytes] = frozenset()
@@ -62,7 +68,27 @@ async def _create_or_remix(request: Request, *, remix: bool) -> Response:
         services, ex, path, provider, query=request.scope.get("query_string", b""),
         body=body, drop=replace, extra=extra,
     )  # fmt: skip
+    if webhook is not None and 200 <= reply.status < 300:
+        follow_new_job(services, ex, route, reply, webhook)
     return reply_response(ex, reply, services.clock())
+
+
+def follow_new_job(
+    services: Services, ex: Exchange, route: Route, reply: Reply, webhook: Endpoint
+) -> None:
+    """Follow the job this create (or remix) answered with, polling as its creator."""
+    doc = parse_json_object(reply.body)
+    job_id = doc.get("id") if doc is not None else None
+    if not isinstance(job_id, str):
+        return
+    try:
+        video = parse_decoded(job_id, services.rules)
+    except InvalidVideoId:
+        return
+    retrieve = Route(Kind.RETRIEVE, route.family, route.prefix + "/{video_id}")
+    poller = replace(ex, method="GET", route=retrieve.template)
+    lookup = Lookup(services, poller, retrieve, video, {"query_string": b""})
+    services.webhooks.follow(video.canonical, lookup.poll, webhook)
 
 
 async def delete(request: Request) -> Response:

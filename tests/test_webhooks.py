@@ -1,0 +1,202 @@
+"""Webhooks for video jobs (part 1: the memory backend), over real sockets: a create with
+X-Proxy-Webhook, the proxy follows the job, and a real receiver on loopback verifies
+every delivery with the OpenAI SDK's verifier and with the standardwebhooks package."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+from openai import OpenAI
+from standardwebhooks import Webhook
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tests.conftest import Upstream
+from tests.servers import run_proxy, serve_in_thread, wait_until
+from tests.test_proxy_core import ALICE, assert_envelope
+
+SECRET = "whsec_" + base64.b64encode(b"proxy-test-webhook-secret-32byte").decode()
+
+
+@dataclass
+class Receiver:
+    url: str = ""
+    answers: list[int] = field(default_factory=list)  # statuses to answer, in order; then 200
+    hang: float = 0.0
+    deliveries: list[tuple[dict[str, str], bytes, float]] = field(default_factory=list)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state = Receiver()
+
+    async def hook(request: Request) -> Response:
+        body = await request.body()
+        state.deliveries.append((dict(request.headers), body, time.time()))
+        if state.hang:
+            import asyncio
+
+            await asyncio.sleep(state.hang)
+        status = state.answers.pop(0) if state.answers else 200
+        return Response(b"", status)
+
+    app = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
+    with serve_in_thread(app, lifespan="off") as server:
+        state.url = server.url + "/hook"
+        yield state
+
+
+def proxy_with_webhooks(make_proxy: Any, receiver: Receiver, **extra: Any) -> Any:
+    return make_proxy(
+        webhook_url=receiver.url, webhook_secret=SECRET, webhook_poll_seconds=0.05, **extra
+    )
+
+
+def create_followed(base: str, model: str = "openai/sora-2", prompt: str = "a cat") -> str:
+    r = httpx.post(
+        f"{base}/v1/videos",
+        json={"model": model, "prompt": prompt},
+        headers={**ALICE, "X-Proxy-Webhook": "default"},
+    )
+    assert r.status_code == 200, r.text
+    return str(r.json()["id"])
+
+
+def verified(delivery: tuple[dict[str, str], bytes, float]) -> dict[str, Any]:
+    headers, body, _ = delivery
+    OpenAI(api_key="x").webhooks.verify_signature(body, headers, secret=SECRET)
+    payload: dict[str, Any] = Webhook(SECRET).verify(body, headers)
+    return payload
+
+
+@pytest.mark.parametrize(
+    "model, prompt, kind",
+    [
+        ("openai/sora-2", "a cat", "video.completed"),
+        ("openai/sora-2", "fail please", "video.failed"),
+        ("gemini/veo-3", "a cat", "video.completed"),
+    ],
+)
+def test_one_verifiable_event_when_the_job_ends(
+    make_proxy: Any, upstream: Upstream, receiver: Receiver, model: str, prompt: str, kind: str
+) -> None:
+    base = proxy_with_webhooks(make_proxy, receiver)
+    video = create_followed(base, model, prompt)
+    assert upstream.sim.state.requests[-1].header("x-proxy-webhook") is None  # not forwarded
+    wait_until(lambda: base.app.webhooks.follow_count() == 1, what="followed")
+    upstream.clock.advance(31)
+    wait_until(lambda: len(receiver.deliveries) == 1, what="the delivery")
+    event = verified(receiver.deliveries[0])
+    assert event["type"] == kind and event["object"] == "event"
+    assert event["id"].startswith("evt_") and event["id"] == receiver.deliveries[0][0]["webhook-id"]
+    assert event["data"]["id"] == video and event["data"]["status"] == kind.split(".")[1]
+    assert receiver.deliveries[0][0]["content-type"] == "application/json"
+    wait_until(lambda: base.app.webhooks.follow_count() == 0, what="done following")
+    assert len(receiver.deliveries) == 1
+
+
+def test_retries_keep_the_event_id_and_410_stops(
+    make_proxy: Any, upstream: Upstream, receiver: Receiver
+) -> None:
+    base = proxy_with_webhooks(make_proxy, receiver, webhook_retry_schedule="0.05,0.05,0.05")
+    receiver.answers = [500, 503]
+    create_followed(base)
+    upstream.clock.advance(31)
+    wait_until(lambda: len(receiver.deliveries) == 3, what="two retries")
+    ids = {headers["webhook-id"] for headers, _, _ in receiver.deliveries}
+    assert len(ids) == 1 and all(verified(d) for d in receiver.deliveries)
+    receiver.deliveries.clear()
+    receiver.answers = [410]
+    create_followed(base, prompt="another")
+    upstream.clock.advance(31)
+    wait_until(lambda: len(receiver.deliveries) == 1, what="the 410")
+    wait_until(lambda: base.app.webhooks.follow_count() == 0, what="stopped")
+    assert len(receiver.deliveries) == 1  # 410: never retried
+
+
+def test_a_receiver_that_hangs_is_timed_out_and_retried(
+    make_proxy: Any, upstream: Upstream, receiver: Receiver
+) -> None:
+    base = proxy_with_webhooks(
+        make_proxy, receiver, webhook_timeout_seconds=0.2, webhook_retry_schedule="0.05"
+    )
+    receiver.hang = 1.0
+    create_followed(base)
+    upstream.clock.advance(31)
+    wait_until(lambda: len(receiver.deliveries) == 2, what="a retry after the timeout")
+
+
+def test_unknown_endpoint_is_400_and_creates_nothing(
+    make_proxy: Any, upstream: Upstream, receiver: Receiver
+) -> None:
+    base = proxy_with_webhooks(make_proxy, receiver)
+    for name in ("nope", ""):
+        r = httpx.post(
+            f"{base}/v1/videos",
+            json={"model": "openai/sora-2", "prompt": "x"},
+            headers={**ALICE, "X-Proxy-Webhook": name},
+        )
+        assert_envelope(r, 400, "X-Proxy-Webhook")
+    no_webhooks = make_proxy()
+    r = httpx.post(
+        f"{no_webhooks}/v1/videos",
+        json={"model": "openai/sora-2", "prompt": "x"},
+        headers={**ALICE, "X-Proxy-Webhook": "default"},
+    )
+    assert_envelope(r, 400, "X-Proxy-Webhook")
+    assert upstream.calls == 0
+
+
+def test_secrets_never_appear_in_output(
+    upstream: Upstream, receiver: Receiver, tmp_path: Any
+) -> None:
+    env = {
+        "PROXY_WEBHOOK_URL": receiver.url, "PROXY_WEBHOOK_SECRET": SECRET,
+        "PROXY_WEBHOOK_POLL_SECONDS": "0.05", "PROXY_LOG_LEVEL": "debug",
+    }  # fmt: skip
+    with run_proxy(upstream.url, env=env, tmp_path=tmp_path) as proc:
+        started = time.time()
+        create_followed(proc.url)
+        upstream.clock.advance(31)
+        wait_until(lambda: len(receiver.deliveries) == 1, what="the delivery")
+        verified(receiver.deliveries[0])
+        latency = receiver.deliveries[0][2] - started
+        metrics = httpx.get(proc.url + "/metrics").text
+    assert (
+        'bifrost_proxy_webhook_deliveries_total{endpoint="default",outcome="delivered"} 1.0'
+        in metrics
+    )
+    secret_b64 = SECRET.removeprefix("whsec_")
+    for text in (proc.log(), metrics):
+        assert SECRET not in text and secret_b64 not in text
+    assert latency < 10  # delivered within webhook_poll_seconds + a few of the test's steps
+    bad = {"PROXY_WEBHOOK_URL": receiver.url, "PROXY_WEBHOOK_SECRET": "not-a-secret-xyz"}
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("bifrost-video-proxy")
+    result = subprocess.run(
+        [str(exe)], capture_output=True, text=True, timeout=30, env={**bad, "PATH": "/usr/bin:/bin"}
+    )
+    assert result.returncode == 2 and "webhook_secret" in result.stderr
+    assert "not-a-secret-xyz" not in result.stderr
+
+
+def test_a_follower_thread_is_not_needed_for_plain_creates(
+    make_proxy: Any, upstream: Upstream, receiver: Receiver
+) -> None:
+    base = proxy_with_webhooks(make_proxy, receiver)
+    r = httpx.post(
+        f"{base}/v1/videos", json={"model": "openai/sora-2", "prompt": "x"}, headers=ALICE
+    )
+    assert r.status_code == 200
+    assert base.app.webhooks.follow_count() == 0
