@@ -8,6 +8,7 @@ test keeps them in sync.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import secrets
 import tomllib
@@ -68,6 +69,9 @@ class Settings:
     webhook_follow_max_seconds: float = 6 * 3600.0
     webhook_timeout_seconds: float = 10.0
     webhook_retry_schedule: str = "5,300,1800,7200,18000,36000,36000"
+    webhook_all_jobs: bool = False
+    # name -> {url, secrets (or secret), events (optional)}; config file (or JSON in env)
+    webhook_endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
     admin_token: str = ""
     metrics_port: int = 0
 
@@ -130,10 +134,13 @@ HELP: dict[str, str] = {
     "webhook_follow_max_seconds": "How long a job is followed before it is given up.",
     "webhook_timeout_seconds": "Time allowed for one webhook delivery attempt.",
     "webhook_retry_schedule": "Seconds between delivery retries, comma-separated.",
+    "webhook_all_jobs": "Follow every job created through the proxy with endpoint 'default'.",
+    "webhook_endpoints": "More endpoints by name: {url, secrets = [whsec_…], events = […]}.",
     "admin_token": "Bearer token enabling DELETE /admin/cache…; empty: disabled.",
     "metrics_port": "Also serve /metrics on this port (0: only on the main port).",
 }
 
+_BOOLEANS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 _CHOICES = {
     "log_level": {"debug", "info", "warning", "error", "critical"},
     "log_format": {"json", "text"},
@@ -145,6 +152,20 @@ _CHOICES = {
 def _coerce(name: str, kind: Any, value: Any) -> Any:
     """Convert a TOML/env/CLI value to the field's type, or raise SettingsError."""
     try:
+        if kind == "bool" or kind is bool:
+            if isinstance(value, str) and value.strip().lower() in _BOOLEANS:
+                return _BOOLEANS[value.strip().lower()]
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if str(kind).startswith("dict[str, dict"):
+            if isinstance(value, str):  # the environment: JSON text
+                value = json.loads(value)
+            if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, dict) for k, v in value.items()
+            ):
+                raise ValueError
+            return {k: dict(v) for k, v in value.items()}
         if kind == "int" or kind is int:
             if isinstance(value, bool):
                 raise ValueError
@@ -177,6 +198,8 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
                 raise ValueError
             return dict(value)
     except (TypeError, ValueError):
+        if "webhook" in name:  # may hold a secret: never echo the value
+            raise SettingsError(f"{name}: expected {kind}") from None
         raise SettingsError(f"{name}: expected {kind}, got {value!r}") from None
     raise SettingsError(f"{name}: unsupported type {kind}")  # pragma: no cover
 
@@ -277,21 +300,51 @@ def validate(s: Settings) -> None:
             raise SettingsError("redis_url: must be a redis://, rediss:// or unix:// URL")
 
 
+WEBHOOK_EVENTS = frozenset({"video.completed", "video.failed"})
+
+
+def _check_webhook_url(name: str, value: Any) -> None:
+    url = urlsplit(value) if isinstance(value, str) else None
+    if url is None or url.scheme not in ("http", "https") or not url.hostname:
+        raise SettingsError(f"{name}: must be an http(s) URL")
+
+
+def _check_webhook_secret(name: str, value: Any) -> None:
+    """Never echoed: the message names the problem only."""
+    try:
+        if not isinstance(value, str) or not value.startswith("whsec_"):
+            raise ValueError
+        base64.b64decode(value[6:], validate=True)
+    except ValueError:
+        raise SettingsError(f"{name}: must be whsec_ followed by base64") from None
+
+
 def validate_webhooks(s: Settings) -> None:
-    """The default webhook endpoint: a URL and a whsec_ secret together, or neither."""
+    """Endpoints: a URL and whsec_ secrets each; a known event filter if any."""
     if s.webhook_url:
-        url = urlsplit(s.webhook_url)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise SettingsError("webhook_url: must be an http(s) URL")
+        _check_webhook_url("webhook_url", s.webhook_url)
         if not s.webhook_secret:
             raise SettingsError("webhook_secret: required with webhook_url")
-    if s.webhook_secret:  # never echoed: the message names the problem only
-        try:
-            if not s.webhook_secret.startswith("whsec_"):
-                raise ValueError
-            base64.b64decode(s.webhook_secret[6:], validate=True)
-        except ValueError:
-            raise SettingsError("webhook_secret: must be whsec_ followed by base64") from None
+    if s.webhook_secret:
+        _check_webhook_secret("webhook_secret", s.webhook_secret)
+    for name, spec in s.webhook_endpoints.items():
+        where = f"webhook_endpoints.{name}"
+        if not PROVIDER_RE.fullmatch(name) or (name == "default" and s.webhook_url):
+            raise SettingsError(f"{where}: a lower-case name, not 'default' with webhook_url")
+        unknown = set(spec) - {"url", "secret", "secrets", "events"}
+        if unknown:
+            raise SettingsError(f"{where}: unknown keys {sorted(unknown)}")
+        _check_webhook_url(f"{where}.url", spec.get("url"))
+        secrets = spec.get("secrets", [spec["secret"]] if "secret" in spec else [])
+        if not isinstance(secrets, list) or not secrets:
+            raise SettingsError(f"{where}.secrets: one or more whsec_ secrets")
+        for secret in secrets:
+            _check_webhook_secret(f"{where}.secrets", secret)
+        events = spec.get("events", list(WEBHOOK_EVENTS))
+        if not isinstance(events, list) or not set(events) <= WEBHOOK_EVENTS:
+            raise SettingsError(f"{where}.events: a list of {sorted(WEBHOOK_EVENTS)}")
+    if s.webhook_all_jobs and not (s.webhook_url or "default" in s.webhook_endpoints):
+        raise SettingsError("webhook_all_jobs: needs the endpoint 'default' (webhook_url)")
     try:
         delays = retry_schedule(s.webhook_retry_schedule)
     except ValueError:

@@ -30,7 +30,7 @@ from .errors import ProxyError
 from .exchange import Reply
 from .policy import TERMINAL
 from .rewrite import parse_json_object
-from .settings import Settings, retry_schedule
+from .settings import WEBHOOK_EVENTS, Settings, retry_schedule
 from .watch import job_state
 
 log = logging.getLogger("proxy.webhooks")
@@ -42,7 +42,8 @@ Poll = Callable[[], Awaitable[Reply]]
 class Endpoint:
     name: str
     url: str
-    secrets: tuple[bytes, ...]  # decoded; several during a rotation
+    secrets: tuple[bytes, ...]  # decoded; several during a rotation: each signs
+    events: frozenset[str] = WEBHOOK_EVENTS
 
     def __repr__(self) -> str:  # never print the secrets
         return f"Endpoint({self.name!r}, {self.url!r})"
@@ -61,8 +62,11 @@ def signatures(secrets: tuple[bytes, ...], event_id: str, timestamp: int, body: 
     )
 
 
-def event_body(event_id: str, job: dict[str, Any]) -> bytes:
-    kind = "video.completed" if job.get("status") == "completed" else "video.failed"
+def event_type(job: dict[str, Any]) -> str:
+    return "video.completed" if job.get("status") == "completed" else "video.failed"
+
+
+def event_body(event_id: str, kind: str, job: dict[str, Any]) -> bytes:
     return orjson.dumps(
         {"id": event_id, "object": "event", "type": kind, "created_at": int(time.time()),
          "data": job}
@@ -75,6 +79,13 @@ class Webhooks:
         if settings.webhook_url:
             secret = decode_secret(settings.webhook_secret)
             self.endpoints["default"] = Endpoint("default", settings.webhook_url, (secret,))
+        for name, spec in settings.webhook_endpoints.items():
+            secrets = spec.get("secrets", [spec.get("secret")])
+            self.endpoints[name] = Endpoint(
+                name, spec["url"], tuple(decode_secret(s) for s in secrets),
+                frozenset(spec.get("events", WEBHOOK_EVENTS)),
+            )  # fmt: skip
+        self.all_jobs = settings.webhook_all_jobs
         self.poll_seconds = settings.webhook_poll_seconds
         self.follow_max = settings.webhook_follow_max_seconds
         self.timeout = settings.webhook_timeout_seconds
@@ -83,9 +94,10 @@ class Webhooks:
         self._session: aiohttp.ClientSession | None = None
 
     def endpoint(self, name: bytes | None) -> Endpoint | None:
-        """The endpoint a create asks for; a 400 (before any upstream call) if unknown."""
+        """The endpoint a create asks for (``default`` for every create with
+        ``webhook_all_jobs``); a 400, before any upstream call, if unknown."""
         if name is None:
-            return None
+            return self.endpoints["default"] if self.all_jobs else None
         endpoint = self.endpoints.get(name.decode("latin-1").strip())
         if endpoint is None:
             raise ProxyError(400, "X-Proxy-Webhook names no configured webhook endpoint")
@@ -128,7 +140,10 @@ class Webhooks:
         event_id = (
             "evt_" + hashlib.sha256(f"{job_id}|{job.get('status')}".encode()).hexdigest()[:24]
         )
-        body = event_body(event_id, job)
+        kind = event_type(job)
+        if kind not in endpoint.events:
+            return  # this endpoint's event filter leaves it out
+        body = event_body(event_id, kind, job)
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 cookie_jar=aiohttp.DummyCookieJar(), trust_env=False

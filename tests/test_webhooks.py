@@ -200,3 +200,85 @@ def test_a_follower_thread_is_not_needed_for_plain_creates(
     )
     assert r.status_code == 200
     assert base.app.webhooks.follow_count() == 0
+
+
+OLD = "whsec_" + base64.b64encode(b"the-old-secret-still-in-rotation").decode()
+
+
+def test_named_endpoint_rotation_and_event_filter(
+    make_proxy: Any, upstream: Upstream, receiver: Receiver
+) -> None:
+    endpoints = {
+        "ops": {"url": receiver.url, "secrets": [SECRET, OLD], "events": ["video.failed"]},
+    }
+    base = make_proxy(webhook_endpoints=endpoints, webhook_poll_seconds=0.05)
+    for prompt in ("a cat", "fail please"):  # completed (filtered out), then failed
+        r = httpx.post(
+            f"{base}/v1/videos",
+            json={"model": "openai/sora-2", "prompt": prompt},
+            headers={**ALICE, "X-Proxy-Webhook": "ops"},
+        )
+        assert r.status_code == 200
+    upstream.clock.advance(31)
+    wait_until(lambda: base.app.webhooks.follow_count() == 0, what="both jobs ended")
+    assert len(receiver.deliveries) == 1
+    headers, body, _ = receiver.deliveries[0]
+    assert len(headers["webhook-signature"].split()) == 2  # both secrets sign
+    for secret in (SECRET, OLD):  # a receiver with either secret verifies it
+        OpenAI(api_key="x").webhooks.verify_signature(body, headers, secret=secret)
+        assert Webhook(secret).verify(body, headers)["type"] == "video.failed"
+
+
+def test_webhook_all_jobs_follows_every_create(
+    make_proxy: Any, upstream: Upstream, receiver: Receiver
+) -> None:
+    base = proxy_with_webhooks(make_proxy, receiver, webhook_all_jobs=True)
+    r = httpx.post(
+        f"{base}/v1/videos", json={"model": "openai/sora-2", "prompt": "x"}, headers=ALICE
+    )
+    assert r.status_code == 200
+    upstream.clock.advance(31)
+    wait_until(lambda: len(receiver.deliveries) == 1, what="a delivery without the header")
+    assert verified(receiver.deliveries[0])["data"]["id"] == r.json()["id"]
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"webhook_url": "http://h/x"}, "webhook_secret: required"),
+        ({"webhook_url": "ftp://h/x", "webhook_secret": SECRET}, "webhook_url"),
+        ({"webhook_url": "http://h/x", "webhook_secret": "plain-secret-value"}, "webhook_secret"),
+        ({"webhook_all_jobs": True}, "webhook_all_jobs"),
+        ({"webhook_endpoints": {"ops": {"url": "http://h/x"}}}, "secrets"),
+        (
+            {
+                "webhook_endpoints": {
+                    "ops": {"url": "http://h/x", "secret": SECRET, "events": ["x"]}
+                }
+            },
+            "events",
+        ),
+        ({"webhook_retry_schedule": "5,soon"}, "webhook_retry_schedule"),
+    ],
+)
+def test_invalid_webhook_settings_are_named_without_their_secrets(
+    overrides: dict[str, Any], fragment: str
+) -> None:
+    from proxy.settings import SettingsError, load
+
+    with pytest.raises(SettingsError) as info:
+        load(env={}, overrides=overrides)
+    assert fragment in str(info.value)
+    assert "plain-secret-value" not in str(info.value) and SECRET not in str(info.value)
+
+
+def test_endpoints_from_the_environment_as_json() -> None:
+    import json
+
+    from proxy.settings import load
+
+    env = {"PROXY_WEBHOOK_ENDPOINTS": json.dumps({"ops": {"url": "http://h/x", "secret": SECRET}}),
+           "PROXY_WEBHOOK_ALL_JOBS": "false"}  # fmt: skip
+    settings = load(env=env)
+    assert settings.webhook_endpoints["ops"]["url"] == "http://h/x"
+    assert settings.webhook_all_jobs is False
