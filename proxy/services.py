@@ -20,6 +20,7 @@ from .bodies import BodyLimits
 from .cache import CacheStore, create_store
 from .coalesce import SingleFlight
 from .exchange import Reply
+from .follows import MemoryFollows, RedisFollows, Sealer
 from .hotpath import HitMemo
 from .ids import IdRules
 from .policy import CacheLimits
@@ -87,6 +88,9 @@ class Services:
         self.tracker = StatusTracker(swap=getattr(self.cache, "swap_status", None))
         flusher = asyncio.ensure_future(self._flush_loop())
         listener = asyncio.ensure_future(self.cache.listen(self.watchers.stored))
+        redis = getattr(self.cache, "client", None)
+        follows = RedisFollows(redis) if redis is not None else MemoryFollows()
+        self.webhooks.start(follows, Sealer(self.secret), self.poll_followed)
         try:
             yield self
         finally:
@@ -107,6 +111,12 @@ class Services:
         """Move fast-path hit counts into the metrics and write buffered access lines."""
         rows, self.access_rows = self.access_rows, []
         logs.write_access_batch(rows + self.hot.flush())
+
+    def poll_followed(self, job: Any, headers: list[tuple[bytes, bytes]]) -> Any:
+        """How the webhook follower polls a job (the retrieve endpoint's lookup)."""
+        from .endpoints.jobs import poll_as_creator  # endpoints build on services
+
+        return poll_as_creator(self, job, headers)
 
     def on_cache_error(self, op: str) -> None:
         """A cache backend operation failed."""

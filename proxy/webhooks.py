@@ -7,16 +7,20 @@ polls through the same single flight and cache as everyone else, every
 ``webhook_poll_seconds``. Delivery: any 2xx acknowledges; anything else, or no answer
 within ``webhook_timeout_seconds``, is retried on ``webhook_retry_schedule`` with the
 same ``webhook-id`` (``Retry-After`` honoured when longer); 410 stops; redirects are
-not followed. This process keeps followed jobs and pending deliveries in memory.
+not followed. Followed jobs live in ``follows`` (this process, or Redis, where another
+replica takes a job over when its follower dies); each event's first delivery is
+claimed once across replicas.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,10 +28,12 @@ from typing import Any
 
 import aiohttp
 import orjson
+from redis.exceptions import RedisError
 
 from . import metrics
 from .errors import ProxyError
 from .exchange import Reply
+from .follows import Followed, Follows, MemoryFollows, Sealer
 from .policy import TERMINAL
 from .rewrite import parse_json_object
 from .settings import WEBHOOK_EVENTS, Settings, retry_schedule
@@ -36,6 +42,7 @@ from .watch import job_state
 log = logging.getLogger("proxy.webhooks")
 HEADER = b"x-proxy-webhook"  # the opt-in request header; never forwarded upstream
 Poll = Callable[[], Awaitable[Reply]]
+Poller = Callable[["Followed", list[tuple[bytes, bytes]]], Poll]  # a job's poll, as its creator
 
 
 @dataclass(frozen=True)
@@ -80,9 +87,9 @@ class Webhooks:
             secret = decode_secret(settings.webhook_secret)
             self.endpoints["default"] = Endpoint("default", settings.webhook_url, (secret,))
         for name, spec in settings.webhook_endpoints.items():
-            secrets = spec.get("secrets", [spec.get("secret")])
+            keys = spec.get("secrets", [spec.get("secret")])
             self.endpoints[name] = Endpoint(
-                name, spec["url"], tuple(decode_secret(s) for s in secrets),
+                name, spec["url"], tuple(decode_secret(k) for k in keys),
                 frozenset(spec.get("events", WEBHOOK_EVENTS)),
             )  # fmt: skip
         self.all_jobs = settings.webhook_all_jobs
@@ -90,7 +97,12 @@ class Webhooks:
         self.follow_max = settings.webhook_follow_max_seconds
         self.timeout = settings.webhook_timeout_seconds
         self.schedule = retry_schedule(settings.webhook_retry_schedule)
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Leases outlive a few polls: a replica that stops renewing loses its jobs.
+        self.lease_seconds = max(3 * self.poll_seconds, 1.0)
+        self.owner = secrets.token_hex(8)
+        self.follows: Follows = MemoryFollows()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._scanner: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
 
     def endpoint(self, name: bytes | None) -> Endpoint | None:
@@ -103,37 +115,91 @@ class Webhooks:
             raise ProxyError(400, "X-Proxy-Webhook names no configured webhook endpoint")
         return endpoint
 
-    def follow(self, job_id: str, poll: Poll, endpoint: Endpoint) -> None:
-        task = asyncio.ensure_future(self._follow(job_id, poll, endpoint))
-        self._tasks.add(task)
+    def start(self, follows: Follows, sealer: Sealer, poller: Poller) -> None:
+        """Begin following: resume jobs left by a restart or a dead replica (Redis)."""
+        self.follows, self.sealer, self.poller = follows, sealer, poller
+        self._scanner = asyncio.ensure_future(self._scan())
+
+    async def follow_new(
+        self, key: str, job_id: str, family: str, endpoint: Endpoint,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:  # fmt: skip
+        """A create asked for a webhook: record the job, then follow it from here."""
+        job = Followed(key, job_id, family, endpoint.name, time.time(), self.sealer.seal(headers))
+        try:
+            await self.follows.add(job)
+            await self.follows.lease(key, self.owner, self.lease_seconds)
+        except (RedisError, OSError) as exc:  # still followed here, just not shared
+            log.warning("webhook: could not record a followed job (%s)", type(exc).__name__)
+        self._follow_here(job)
+
+    def _follow_here(self, job: Followed) -> None:
+        task = asyncio.ensure_future(self._follow(job))
+        self._tasks[job.key] = task
         metrics.WEBHOOKS_PENDING.inc()
-        task.add_done_callback(self._done)
+        task.add_done_callback(lambda _t: self._done(job.key, task))
 
     def follow_count(self) -> int:
         """Jobs followed, or events still being delivered, by this process."""
         return len(self._tasks)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+    def _done(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(key) is task:
+            del self._tasks[key]
         metrics.WEBHOOKS_PENDING.dec()
 
-    async def _follow(self, job_id: str, poll: Poll, endpoint: Endpoint) -> None:
-        deadline = time.monotonic() + self.follow_max
+    async def _scan(self) -> None:
+        """Take over followed jobs whose lease expired (their replica is gone)."""
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            try:
+                for job in await self.follows.all():
+                    if job.key in self._tasks:
+                        continue
+                    if await self.follows.lease(job.key, self.owner, self.lease_seconds):
+                        self._follow_here(job)
+            except (RedisError, OSError):
+                continue
+            except Exception:
+                log.exception("webhook scan failed")
+
+    async def _follow(self, job: Followed) -> None:
+        endpoint = self.endpoints.get(job.endpoint)
+        headers = self.sealer.open(job.credentials)
+        if endpoint is None or headers is None:
+            log.warning("webhook: dropping a followed job this configuration cannot serve")
+            await self._forget(job.key)
+            return
+        poll = self.poller(job, headers)
         try:
-            while time.monotonic() < deadline:
+            while time.time() < job.started + self.follow_max:
                 await asyncio.sleep(self.poll_seconds)
+                if not await self._keep_lease(job.key):
+                    return  # another replica follows it now
                 try:
                     reply = await poll()
                 except ProxyError:
                     continue
                 state = job_state(reply)
                 if state is not None and state[0] in TERMINAL:
-                    job = parse_json_object(reply.body) or {}
-                    await self.deliver(endpoint, job_id, job)
-                    return
-            log.warning("webhook: gave up following a job after webhook_follow_max_seconds")
+                    body = parse_json_object(reply.body) or {}
+                    await self.deliver(endpoint, job.job_id, body)
+                    break
+            else:
+                log.warning("webhook: gave up following a job after webhook_follow_max_seconds")
+            await self._forget(job.key)
         except Exception:  # a follower must never take the process down
             log.exception("webhook follower failed")
+
+    async def _keep_lease(self, key: str) -> bool:
+        try:
+            return await self.follows.lease(key, self.owner, self.lease_seconds)
+        except (RedisError, OSError):
+            return True  # Redis down: keep following here
+
+    async def _forget(self, key: str) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self.follows.remove(key)
 
     async def deliver(self, endpoint: Endpoint, job_id: str, job: dict[str, Any]) -> None:
         """One event, retried on the schedule until a 2xx, a 410, or the end of it."""
@@ -143,6 +209,11 @@ class Webhooks:
         kind = event_type(job)
         if kind not in endpoint.events:
             return  # this endpoint's event filter leaves it out
+        try:
+            if not await self.follows.first_delivery(event_id, endpoint.name):
+                return  # another replica delivers this event
+        except (RedisError, OSError):
+            pass  # Redis down: deliver (at least once beats never)
         body = event_body(event_id, kind, job)
         if self._session is None:
             self._session = aiohttp.ClientSession(
@@ -184,8 +255,11 @@ class Webhooks:
         return "failed", float(retry) if retry.isdigit() else 0.0
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
+        tasks = list(self._tasks.values())
+        if self._scanner is not None:
+            tasks.append(self._scanner)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._session is not None:
             await self._session.close()

@@ -282,3 +282,70 @@ def test_endpoints_from_the_environment_as_json() -> None:
     settings = load(env=env)
     assert settings.webhook_endpoints["ops"]["url"] == "http://h/x"
     assert settings.webhook_all_jobs is False
+
+
+# -- across replicas, on a real Redis server ----------------------------------------------------
+
+
+def redis_webhook_env(redis: Any, receiver: Receiver) -> dict[str, str]:
+    return {
+        "PROXY_CACHE_BACKEND": "redis", "PROXY_REDIS_URL": redis.url,
+        "PROXY_CACHE_KEY_SECRET": "shared-by-replicas", "PROXY_LOG_LEVEL": "warning",
+        "PROXY_WEBHOOK_URL": receiver.url, "PROXY_WEBHOOK_SECRET": SECRET,
+        "PROXY_WEBHOOK_POLL_SECONDS": "0.1",
+    }  # fmt: skip
+
+
+def followed_in_redis(redis: Any) -> int:
+    return int(redis.command("HLEN", "bvp:wh:jobs").strip()[1:])
+
+
+def test_a_replica_killed_while_following_and_the_other_delivers(
+    upstream: Upstream, receiver: Receiver, tmp_path: Any
+) -> None:
+    import signal
+
+    from tests.redis_server import redis_server
+
+    with redis_server() as redis:
+        env = redis_webhook_env(redis, receiver)
+        with (
+            run_proxy(upstream.url, env=env, tmp_path=tmp_path) as a,
+            run_proxy(upstream.url, env=env, tmp_path=tmp_path) as b,
+        ):
+            video = create_followed(a.url)
+            assert followed_in_redis(redis) == 1
+            a.process.send_signal(signal.SIGKILL)  # dies holding the lease
+            a.process.wait(10)
+            upstream.clock.advance(31)
+            wait_until(lambda: len(receiver.deliveries) == 1, timeout=15, what="B delivers")
+            assert verified(receiver.deliveries[0])["data"]["id"] == video
+            wait_until(lambda: followed_in_redis(redis) == 0, what="forgotten once delivered")
+            assert httpx.get(b.url + "/healthz").status_code == 200
+        assert len(receiver.deliveries) == 1
+        secret_b64 = SECRET.removeprefix("whsec_")
+        dump = redis.command("KEYS", "*")
+        assert secret_b64.encode() not in dump and b"sk-bf-alice" not in dump
+
+
+def test_two_replicas_deliver_each_event_once(
+    upstream: Upstream, receiver: Receiver, tmp_path: Any
+) -> None:
+    from tests.redis_server import redis_server
+
+    with redis_server() as redis:
+        env = redis_webhook_env(redis, receiver)
+        with (
+            run_proxy(upstream.url, env=env, tmp_path=tmp_path) as a,
+            run_proxy(upstream.url, env=env, tmp_path=tmp_path) as b,
+        ):
+            videos = [
+                create_followed(proxy.url, prompt=f"job {i}")
+                for i, proxy in enumerate((a, b, a, b))
+            ]
+            stored = redis.command("HGETALL", "bvp:wh:jobs")
+            assert b"sk-bf-alice" not in stored  # credentials are stored sealed
+            upstream.clock.advance(31)
+            wait_until(lambda: len(receiver.deliveries) == 4, timeout=15, what="four deliveries")
+            wait_until(lambda: followed_in_redis(redis) == 0, what="all forgotten")
+        assert sorted(verified(d)["data"]["id"] for d in receiver.deliveries) == sorted(videos)

@@ -73,6 +73,11 @@ class RedisStore:
                 )
             return default
 
+    @property
+    def client(self) -> aioredis.Redis:
+        """The connection pool, for other shared state (followed webhook jobs)."""
+        return self._redis
+
     def get_nowait(self, key: str) -> Entry | None:
         return None
 

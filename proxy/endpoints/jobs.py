@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from ..errors import ProxyError
-from ..exchange import JSON_TYPE, Exchange, Reply, reply_response
+from ..exchange import JSON_TYPE, Exchange, Reply, reply_response, request_id
+from ..follows import Followed
 from ..forwarder import call_json
 from ..ids import InvalidVideoId, normalize_provider, parse_decoded
 from ..multipart import to_json_body
+from ..policy import cache_key, tenant_fingerprint
 from ..rewrite import parse_json_object
 from ..routes import Kind, Route
 from ..services import Services
@@ -69,11 +71,11 @@ async def _create_or_remix(request: Request, *, remix: bool) -> Response:
         body=body, drop=replace, extra=extra,
     )  # fmt: skip
     if webhook is not None and 200 <= reply.status < 300:
-        follow_new_job(services, ex, route, reply, webhook)
+        await follow_new_job(services, ex, route, reply, webhook)
     return reply_response(ex, reply, services.clock())
 
 
-def follow_new_job(
+async def follow_new_job(
     services: Services, ex: Exchange, route: Route, reply: Reply, webhook: Endpoint
 ) -> None:
     """Follow the job this create (or remix) answered with, polling as its creator."""
@@ -85,10 +87,20 @@ def follow_new_job(
         video = parse_decoded(job_id, services.rules)
     except InvalidVideoId:
         return
-    retrieve = Route(Kind.RETRIEVE, route.family, route.prefix + "/{video_id}")
-    poller = replace(ex, method="GET", route=retrieve.template)
-    lookup = Lookup(services, poller, retrieve, video, {"query_string": b""})
-    services.webhooks.follow(video.canonical, lookup.poll, webhook)
+    tenant = tenant_fingerprint(ex.headers, services.secret)
+    key = cache_key(route.family, video.canonical, tenant)
+    await services.webhooks.follow_new(key, video.canonical, route.family, webhook, ex.headers)
+
+
+def poll_as_creator(
+    services: Services, job: Followed, headers: list[tuple[bytes, bytes]]
+) -> Callable[[], Awaitable[Reply]]:
+    """A followed job's poll, with the creator's credentials, through the shared cache."""
+    video = parse_decoded(job.job_id, services.rules)
+    prefix = "/openai/v1/videos" if job.family == "openai" else "/v1/videos"
+    retrieve = Route(Kind.RETRIEVE, job.family, prefix + "/{video_id}")
+    ex = Exchange("GET", prefix, request_id(None), headers, route=retrieve.template)
+    return Lookup(services, ex, retrieve, video, {"query_string": b""}).poll
 
 
 async def delete(request: Request) -> Response:
