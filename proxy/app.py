@@ -72,6 +72,8 @@ ROUTES: list[BaseRoute] = [
     Route("/metrics", ops.metrics_page, methods=["GET"]),
     Route("/admin/cache", AnyMethod(ops.purge)),  # every method: see ops.purge
     Route("/admin/cache/videos/{video_id}", AnyMethod(ops.purge)),
+    Route("/admin/webhooks", AnyMethod(ops.webhooks)),
+    Route("/admin/webhooks/events/{event_id}/redeliver", AnyMethod(ops.redeliver)),
     # Pass-through (any method, CORS preflights of video routes included).
     Route("/v1/{rest:path}", AnyMethod(streaming.passthrough)),
     Route("/openai/{rest:path}", AnyMethod(streaming.passthrough)),

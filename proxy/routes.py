@@ -31,6 +31,8 @@ class Kind(StrEnum):
     METRICS = "metrics"
     ADMIN_PURGE_ONE = "admin_purge_one"
     ADMIN_PURGE_ALL = "admin_purge_all"
+    ADMIN_WEBHOOKS = "admin_webhooks"
+    ADMIN_REDELIVER = "admin_redeliver"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,15 @@ def classify(method: str, raw_path: str) -> Route:
             if method not in ("GET", "HEAD"):
                 raise ProxyError(405, f"{method} is not allowed on /{segments[0]}")
             return Route(kind, "", "/" + segments[0])
+    if segments[:2] == ["admin", "webhooks"]:  # any method, as for the cache routes
+        if len(segments) == 2:
+            return Route(Kind.ADMIN_WEBHOOKS, "", "/admin/webhooks")
+        if len(segments) == 5 and segments[2] == "events" and segments[4] == "redeliver":
+            return Route(
+                Kind.ADMIN_REDELIVER, "", "/admin/webhooks/events/{event_id}/redeliver",
+                raw_segments[3],
+            )  # fmt: skip
+        raise not_found()
     if segments[:2] == ["admin", "cache"]:
         # Any method: the endpoint answers 404 for all of them while the admin surface
         # is disabled (indistinguishable from a missing route), else 405 for non-DELETE.
@@ -160,6 +171,8 @@ def canonical_path(route: Route, decoded_path: str) -> str:
     if not route.family:  # health, readiness, metrics, admin
         if route.kind is Kind.ADMIN_PURGE_ONE:
             return f"/admin/cache/videos/{route.id_segment}"
+        if route.kind is Kind.ADMIN_REDELIVER:
+            return f"/admin/webhooks/events/{route.id_segment}/redeliver"
         return route.template
     path = route.prefix
     if route.id_segment is not None:

@@ -28,6 +28,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from cachetools import LRUCache
 from redis.exceptions import RedisError
 
 from . import metrics
@@ -104,6 +105,8 @@ class Webhooks:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._scanner: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        # This process's recent events, for the admin routes: (event id, endpoint) -> record.
+        self.events: LRUCache[tuple[str, str], dict[str, Any]] = LRUCache(1000)
 
     def endpoint(self, name: bytes | None) -> Endpoint | None:
         """The endpoint a create asks for (``default`` for every create with
@@ -215,19 +218,22 @@ class Webhooks:
         except (RedisError, OSError):
             pass  # Redis down: deliver (at least once beats never)
         body = event_body(event_id, kind, job)
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                cookie_jar=aiohttp.DummyCookieJar(), trust_env=False
-            )
+        record = {"event_id": event_id, "endpoint": endpoint.name, "type": kind,
+                  "job_id": job_id, "attempts": 0, "outcome": "pending", "body": body}  # fmt: skip
+        self.events[(event_id, endpoint.name)] = record
         for attempt in range(len(self.schedule) + 1):
             outcome, retry_after = await self._attempt(endpoint, event_id, body)
             metrics.WEBHOOK_DELIVERIES.labels(endpoint.name, outcome).inc()
+            record["attempts"], record["outcome"] = attempt + 1, outcome
             if outcome in ("delivered", "gone") or attempt == len(self.schedule):
                 return
             await asyncio.sleep(max(self.schedule[attempt], retry_after))
 
     async def _attempt(self, endpoint: Endpoint, event_id: str, body: bytes) -> tuple[str, float]:
-        assert self._session is not None
+        if self._session is None:  # made on first use: most proxies never deliver
+            self._session = aiohttp.ClientSession(
+                cookie_jar=aiohttp.DummyCookieJar(), trust_env=False
+            )
         timestamp = int(time.time())
         headers = {
             "content-type": "application/json",
@@ -253,6 +259,35 @@ class Webhooks:
         if status == 410:
             return "gone", 0.0
         return "failed", float(retry) if retry.isdigit() else 0.0
+
+    async def report(self) -> dict[str, Any]:
+        try:
+            followed = await self.follows.all()
+        except (RedisError, OSError):
+            followed = []
+        return {
+            "followed": [
+                {"job_id": f.job_id, "endpoint": f.endpoint, "started": f.started,
+                 "here": f.key in self._tasks}
+                for f in followed
+            ],
+            "events": [
+                {k: v for k, v in record.items() if k != "body"}
+                for record in self.events.values()
+            ],
+        }  # fmt: skip
+
+    async def redeliver(self, event_id: str) -> str | None:
+        """One more attempt of a recent event (same webhook-id); None if unknown here."""
+        for (known, name), record in list(self.events.items()):
+            endpoint = self.endpoints.get(name)
+            if known == event_id and endpoint is not None:
+                outcome, _ = await self._attempt(endpoint, event_id, record["body"])
+                metrics.WEBHOOK_DELIVERIES.labels(name, outcome).inc()
+                record["attempts"] += 1
+                record["outcome"] = outcome
+                return outcome
+        return None
 
     async def aclose(self) -> None:
         tasks = list(self._tasks.values())

@@ -349,3 +349,39 @@ def test_two_replicas_deliver_each_event_once(
             wait_until(lambda: len(receiver.deliveries) == 4, timeout=15, what="four deliveries")
             wait_until(lambda: followed_in_redis(redis) == 0, what="all forgotten")
         assert sorted(verified(d)["data"]["id"] for d in receiver.deliveries) == sorted(videos)
+
+
+def test_admin_lists_followed_jobs_and_events_and_redelivers(
+    make_proxy: Any, upstream: Upstream, receiver: Receiver
+) -> None:
+    base = proxy_with_webhooks(make_proxy, receiver, admin_token="adm")
+    admin = {"Authorization": "Bearer adm"}
+    video = create_followed(base)
+    wait_until(lambda: base.app.webhooks.follow_count() == 1)
+    report = httpx.get(f"{base}/admin/webhooks", headers=admin).json()
+    assert report["followed"] == [
+        {"job_id": video, "endpoint": "default", "started": report["followed"][0]["started"],
+         "here": True}
+    ]  # fmt: skip
+    upstream.clock.advance(31)
+    wait_until(lambda: len(receiver.deliveries) == 1)
+    wait_until(lambda: httpx.get(f"{base}/admin/webhooks", headers=admin).json()["followed"] == [])
+    (event,) = httpx.get(f"{base}/admin/webhooks", headers=admin).json()["events"]
+    assert (event["job_id"], event["outcome"], event["attempts"]) == (video, "delivered", 1)
+    r = httpx.post(f"{base}/admin/webhooks/events/{event['event_id']}/redeliver", headers=admin)
+    assert r.json() == {"outcome": "delivered"}
+    assert len(receiver.deliveries) == 2
+    assert receiver.deliveries[1][0]["webhook-id"] == receiver.deliveries[0][0]["webhook-id"]
+    verified(receiver.deliveries[1])
+    assert (
+        httpx.post(f"{base}/admin/webhooks/events/evt_nope/redeliver", headers=admin).status_code
+        == 404
+    )
+    assert httpx.get(f"{base}/admin/webhooks").status_code == 401
+    assert httpx.post(f"{base}/admin/webhooks", headers=admin).status_code == 405
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
+def test_webhook_admin_routes_do_not_exist_without_the_token(proxy: str, method: str) -> None:
+    for path in ("/admin/webhooks", "/admin/webhooks/events/evt_1/redeliver"):
+        assert httpx.request(method, proxy + path).status_code == 404

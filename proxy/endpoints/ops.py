@@ -59,20 +59,41 @@ async def metrics_page(request: Request) -> Response:
     return RawResponse(200, [(b"content-type", content_type.encode())], body)
 
 
-async def purge(request: Request) -> Response:
-    """DELETE /admin/cache (all) or /admin/cache/videos/{video_id} (one video)."""
+def admin(request: Request, method: str) -> Services:
+    """The services, once the request passed the admin gate (404 while disabled)."""
     services: Services = request.app.state.services
     token = services.settings.admin_token
     if not token:  # a disabled admin surface is indistinguishable from a missing one
         raise ProxyError(404, "no such route on this proxy")
-    if request.method != "DELETE":
-        raise ProxyError(405, "only DELETE is allowed on the admin cache routes")
+    if request.method != method:
+        raise ProxyError(405, f"only {method} is allowed on this admin route")
     given = exchange_of(request).header(b"authorization") or b""
     if not hmac.compare_digest(given, b"Bearer " + token.encode()):
         raise ProxyError(401, "admin token required: Authorization: Bearer <admin_token>")
+    return services
+
+
+async def purge(request: Request) -> Response:
+    """DELETE /admin/cache (all) or /admin/cache/videos/{video_id} (one video)."""
+    services = admin(request, "DELETE")
     segment = request.path_params.get("video_id")
     if segment is not None:
         purged = await services.cache.delete_video(video_id(services, segment).canonical)
     else:
         purged = await services.cache.clear()
     return json_response(dumps({"purged": purged}))
+
+
+async def webhooks(request: Request) -> Response:
+    """GET /admin/webhooks: followed jobs (all replicas) and this process's recent events."""
+    services = admin(request, "GET")
+    return json_response(dumps(await services.webhooks.report()))
+
+
+async def redeliver(request: Request) -> Response:
+    """POST /admin/webhooks/events/{event_id}/redeliver: one more attempt, same id."""
+    services = admin(request, "POST")
+    outcome = await services.webhooks.redeliver(request.path_params["event_id"])
+    if outcome is None:
+        raise ProxyError(404, "no such webhook event on this replica")
+    return json_response(dumps({"outcome": outcome}))
