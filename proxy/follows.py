@@ -3,7 +3,7 @@ survive a restart and another replica takes over when the following one dies.
 
 A followed job is leased by the replica that polls it (renewed on every poll, expiring
 after a few poll intervals); a replica that finds an expired lease takes the job over.
-The first delivery of each event is claimed once across replicas. The creator's
+An event's delivery is marked done once it is over. The creator's
 credentials (needed to poll as the creator) are stored encrypted (Fernet, keyed from
 ``cache_key_secret``), never in plain text.
 """
@@ -65,9 +65,11 @@ class Follows(Protocol):
         """Take or renew the lease on a job; False while another replica holds it."""
         ...
 
-    async def first_delivery(self, event_id: str, endpoint: str) -> bool:
-        """True exactly once per event and endpoint (across replicas)."""
+    async def delivered(self, event_id: str, endpoint: str) -> bool:
+        """Whether this event's delivery to this endpoint is over (across replicas)."""
         ...
+
+    async def mark_delivered(self, event_id: str, endpoint: str) -> None: ...
 
 
 class MemoryFollows:
@@ -87,11 +89,11 @@ class MemoryFollows:
     async def lease(self, key: str, owner: str, seconds: float) -> bool:
         return True
 
-    async def first_delivery(self, event_id: str, endpoint: str) -> bool:
-        if (event_id, endpoint) in self._sent:
-            return False
+    async def delivered(self, event_id: str, endpoint: str) -> bool:
+        return (event_id, endpoint) in self._sent
+
+    async def mark_delivered(self, event_id: str, endpoint: str) -> None:
         self._sent.add((event_id, endpoint))
-        return True
 
 
 class RedisFollows:
@@ -126,6 +128,9 @@ class RedisFollows:
         name = PREFIX + "lease:" + key
         return bool(await self._redis.eval(self._RENEW, 1, name, owner, int(seconds * 1000)))
 
-    async def first_delivery(self, event_id: str, endpoint: str) -> bool:
+    async def delivered(self, event_id: str, endpoint: str) -> bool:
+        return bool(await self._redis.exists(PREFIX + "sent:" + event_id + ":" + endpoint))
+
+    async def mark_delivered(self, event_id: str, endpoint: str) -> None:
         name = PREFIX + "sent:" + event_id + ":" + endpoint
-        return bool(await self._redis.set(name, 1, nx=True, ex=SENT_TTL_SECONDS))
+        await self._redis.set(name, 1, ex=SENT_TTL_SECONDS)

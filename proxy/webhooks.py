@@ -8,8 +8,8 @@ polls through the same single flight and cache as everyone else, every
 within ``webhook_timeout_seconds``, is retried on ``webhook_retry_schedule`` with the
 same ``webhook-id`` (``Retry-After`` honoured when longer); 410 stops; redirects are
 not followed. Followed jobs live in ``follows`` (this process, or Redis, where another
-replica takes a job over when its follower dies); each event's first delivery is
-claimed once across replicas.
+replica takes a job over when its follower dies, retries included): at least once
+overall, and once per job end unless a replica dies between a delivery and marking it.
 """
 
 from __future__ import annotations
@@ -186,7 +186,8 @@ class Webhooks:
                 state = job_state(reply)
                 if state is not None and state[0] in TERMINAL:
                     body = parse_json_object(reply.body) or {}
-                    await self.deliver(endpoint, job.job_id, body)
+                    if not await self.deliver(endpoint, job.job_id, body, job.key):
+                        return  # lost the lease mid-retries: its new holder goes on
                     break
             else:
                 log.warning("webhook: gave up following a job after webhook_follow_max_seconds")
@@ -204,17 +205,23 @@ class Webhooks:
         with contextlib.suppress(RedisError, OSError):
             await self.follows.remove(key)
 
-    async def deliver(self, endpoint: Endpoint, job_id: str, job: dict[str, Any]) -> None:
-        """One event, retried on the schedule until a 2xx, a 410, or the end of it."""
+    async def deliver(self, endpoint: Endpoint, job_id: str, job: dict[str, Any], key: str) -> bool:
+        """One event, retried on the schedule until a 2xx, a 410, or the end of it.
+
+        The job's lease is held throughout (retries can span days): if this replica
+        dies, another takes the job over and delivers again, at least once overall;
+        the event is marked done in the shared store only when its delivery is over.
+        False when the lease was lost to another replica meanwhile.
+        """
         event_id = (
             "evt_" + hashlib.sha256(f"{job_id}|{job.get('status')}".encode()).hexdigest()[:24]
         )
         kind = event_type(job)
         if kind not in endpoint.events:
-            return  # this endpoint's event filter leaves it out
+            return True  # this endpoint's event filter leaves it out
         try:
-            if not await self.follows.first_delivery(event_id, endpoint.name):
-                return  # another replica delivers this event
+            if await self.follows.delivered(event_id, endpoint.name):
+                return True  # a replica that died after delivering it
         except (RedisError, OSError):
             pass  # Redis down: deliver (at least once beats never)
         body = event_body(event_id, kind, job)
@@ -226,8 +233,21 @@ class Webhooks:
             metrics.WEBHOOK_DELIVERIES.labels(endpoint.name, outcome).inc()
             record["attempts"], record["outcome"] = attempt + 1, outcome
             if outcome in ("delivered", "gone") or attempt == len(self.schedule):
-                return
-            await asyncio.sleep(max(self.schedule[attempt], retry_after))
+                break
+            if not await self._wait_holding(key, max(self.schedule[attempt], retry_after)):
+                return False
+        with contextlib.suppress(RedisError, OSError):
+            await self.follows.mark_delivered(event_id, endpoint.name)
+        return True
+
+    async def _wait_holding(self, key: str, seconds: float) -> bool:
+        """Sleep, renewing the job's lease; False if another replica took it."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, self.lease_seconds / 3))
+            if not await self._keep_lease(key):
+                return False
+        return True
 
     async def _attempt(self, endpoint: Endpoint, event_id: str, body: bytes) -> tuple[str, float]:
         if self._session is None:  # made on first use: most proxies never deliver

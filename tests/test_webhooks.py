@@ -385,3 +385,35 @@ def test_admin_lists_followed_jobs_and_events_and_redelivers(
 def test_webhook_admin_routes_do_not_exist_without_the_token(proxy: str, method: str) -> None:
     for path in ("/admin/webhooks", "/admin/webhooks/events/evt_1/redeliver"):
         assert httpx.request(method, proxy + path).status_code == 404
+
+
+def test_retries_go_on_from_another_replica_when_the_delivering_one_dies(
+    upstream: Upstream, receiver: Receiver, tmp_path: Any
+) -> None:
+    import signal
+
+    from tests.redis_server import redis_server
+
+    receiver.answers = [500, 500, 500]  # then 200
+    with redis_server() as redis:
+        env = {
+            **redis_webhook_env(redis, receiver),
+            "PROXY_WEBHOOK_RETRY_SCHEDULE": "0.5,0.5,0.5,0.5",
+        }
+        with (
+            run_proxy(upstream.url, env=env, tmp_path=tmp_path) as a,
+            run_proxy(upstream.url, env=env, tmp_path=tmp_path),
+        ):
+            create_followed(a.url)
+            upstream.clock.advance(31)
+            wait_until(lambda: len(receiver.deliveries) >= 1, what="A's first attempt (a 500)")
+            a.process.send_signal(signal.SIGKILL)  # dies in the middle of its retries
+            a.process.wait(10)
+            wait_until(
+                lambda: not receiver.answers and len(receiver.deliveries) >= 4,
+                timeout=20,
+                what="B retries until acknowledged",
+            )
+            wait_until(lambda: followed_in_redis(redis) == 0, what="done once acknowledged")
+        assert len({h["webhook-id"] for h, _, _ in receiver.deliveries}) == 1
+        assert all(verified(d) for d in receiver.deliveries)
