@@ -114,3 +114,15 @@ def run_proxy(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@contextlib.contextmanager
+def run_replicas(
+    upstream: str, env: dict[str, str], tmp_path: Any
+) -> Iterator[tuple[ProxyProcess, ProxyProcess]]:
+    """Two console-script replicas with the same environment (e.g. one Redis)."""
+    with (
+        run_proxy(upstream, env=env, tmp_path=tmp_path) as a,
+        run_proxy(upstream, env=env, tmp_path=tmp_path) as b,
+    ):
+        yield a, b

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import Upstream
 from tests.redis_server import RedisServer, redis_server
-from tests.servers import ProxyProcess, run_proxy
+from tests.servers import ProxyProcess, run_proxy, run_replicas
 from tests.test_proxy_core import ALICE, create
 
 
@@ -44,12 +44,8 @@ def replicas(
     redis: RedisServer, upstream: Upstream, tmp_path: Any
 ) -> Iterator[tuple[ProxyProcess, ProxyProcess]]:
     """Two proxy processes sharing one Redis and one cache_key_secret."""
-    env = redis_env(redis)
-    with (
-        run_proxy(upstream.url, env=env, tmp_path=tmp_path) as a,
-        run_proxy(upstream.url, env=env, tmp_path=tmp_path) as b,
-    ):
-        yield a, b
+    with run_replicas(upstream.url, redis_env(redis), tmp_path) as pair:
+        yield pair
 
 
 def test_two_replicas_share_entries(
@@ -148,10 +144,7 @@ def test_a_waiter_on_one_replica_wakes_from_another_replicas_poll(
     from tests.test_metrics import scrape, value
 
     env = {**redis_env(redis), "PROXY_POLL_COALESCE_SECONDS": "10"}
-    with (
-        run_proxy(upstream.url, env=env, tmp_path=tmp_path) as a,
-        run_proxy(upstream.url, env=env, tmp_path=tmp_path) as b,
-    ):
+    with run_replicas(upstream.url, env, tmp_path) as (a, b):
         vid = create(a.url)["id"]
         out: list[httpx.Response] = []
         waiter = threading.Thread(

@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tests.conftest import Upstream
-from tests.servers import run_proxy, serve_in_thread, wait_until
+from tests.servers import run_proxy, run_replicas, serve_in_thread, wait_until
 from tests.test_proxy_core import ALICE, assert_envelope
 
 SECRET = "whsec_" + base64.b64encode(b"proxy-test-webhook-secret-32byte").decode()
@@ -309,10 +309,7 @@ def test_a_replica_killed_while_following_and_the_other_delivers(
 
     with redis_server() as redis:
         env = redis_webhook_env(redis, receiver)
-        with (
-            run_proxy(upstream.url, env=env, tmp_path=tmp_path) as a,
-            run_proxy(upstream.url, env=env, tmp_path=tmp_path) as b,
-        ):
+        with run_replicas(upstream.url, env, tmp_path) as (a, b):
             video = create_followed(a.url)
             assert followed_in_redis(redis) == 1
             a.process.send_signal(signal.SIGKILL)  # dies holding the lease
@@ -335,10 +332,7 @@ def test_two_replicas_deliver_each_event_once(
 
     with redis_server() as redis:
         env = redis_webhook_env(redis, receiver)
-        with (
-            run_proxy(upstream.url, env=env, tmp_path=tmp_path) as a,
-            run_proxy(upstream.url, env=env, tmp_path=tmp_path) as b,
-        ):
+        with run_replicas(upstream.url, env, tmp_path) as (a, b):
             videos = [
                 create_followed(proxy.url, prompt=f"job {i}")
                 for i, proxy in enumerate((a, b, a, b))
@@ -400,10 +394,7 @@ def test_retries_go_on_from_another_replica_when_the_delivering_one_dies(
             **redis_webhook_env(redis, receiver),
             "PROXY_WEBHOOK_RETRY_SCHEDULE": "0.5,0.5,0.5,0.5",
         }
-        with (
-            run_proxy(upstream.url, env=env, tmp_path=tmp_path) as a,
-            run_proxy(upstream.url, env=env, tmp_path=tmp_path),
-        ):
+        with run_replicas(upstream.url, env, tmp_path) as (a, _):
             create_followed(a.url)
             upstream.clock.advance(31)
             wait_until(lambda: len(receiver.deliveries) >= 1, what="A's first attempt (a 500)")

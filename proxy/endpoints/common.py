@@ -1,8 +1,9 @@
-"""What every endpoint starts from: the services, the request's Exchange and Route."""
+"""What endpoints share: services, Exchange, Route, and a client hang-up watch."""
 
 from __future__ import annotations
 
 from starlette.requests import Request
+from starlette.types import Receive
 
 from ..exchange import Exchange, exchange_of, refuse_body
 from ..forwarder import video_id
@@ -25,3 +26,9 @@ def addressed(
     video = video_id(services, request.path_params["video_id"])
     ex.provider = video.provider
     return services, ex, route, video
+
+
+async def client_gone(receive: Receive) -> None:
+    """Return once the client has disconnected (its request body, if any, is ignored)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -19,8 +19,8 @@ from ..exchange import Reply, reply_response
 from ..policy import TERMINAL, request_directives
 from ..services import Services
 from ..watch import Watch, event_id, job_state
-from .common import addressed
-from .retrieve import Lookup, client_gone
+from .common import addressed, client_gone
+from .retrieve import Lookup
 
 STREAM_HEADERS = [
     (b"content-type", b"text/event-stream"),

@@ -33,7 +33,7 @@ from ..rewrite import dumps
 from ..routes import Route
 from ..services import Services
 from ..watch import job_state
-from .common import addressed
+from .common import addressed, client_gone
 
 
 async def retrieve(request: Request) -> Response:
@@ -84,12 +84,6 @@ async def long_poll(
     response = reply_response(ex, reply, services.clock())
     response.raw_headers.append((b"preference-applied", b"wait=%d" % applied))
     return response
-
-
-async def client_gone(receive: Receive) -> None:
-    """Return once the client has disconnected (its request body, if any, is ignored)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 class Lookup:

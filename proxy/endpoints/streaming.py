@@ -17,7 +17,7 @@ from ..errors import ProxyError
 from ..exchange import Exchange
 from ..forwarder import forward_headers
 from ..upstream import StreamBroken, Upstream, UpstreamCall
-from .common import addressed, context
+from .common import addressed, client_gone, context
 
 log = logging.getLogger("proxy")
 VARIANTS = ("video", "thumbnail", "spritesheet")
@@ -124,8 +124,5 @@ class UpstreamStream(Response):
     async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
         if self.body_done is not None:
             await self.body_done.wait()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                scope.cancel()
-                return
+        await client_gone(receive)
+        scope.cancel()
