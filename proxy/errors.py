@@ -57,3 +57,21 @@ class ProxyError(Exception):
 
     def body(self) -> bytes:
         return error_body(self.status, self.message, param=self.param)
+
+
+class UnknownJob(ProxyError):
+    """A 404 shaped exactly like Bifrost's answer for a job that does not exist: a job
+    owned by another tenant must be indistinguishable from no job at all."""
+
+    def __init__(self, upstream_segment: str) -> None:
+        super().__init__(404, f"video {upstream_segment} not found")
+
+    def body(self) -> bytes:
+        return orjson.dumps(
+            {
+                "is_bifrost_error": False,
+                "status_code": 404,
+                "error": {"type": "not_found_error", "message": self.message},
+                "extra_fields": {},
+            }
+        )

@@ -37,15 +37,16 @@ class Followed:
 class Sealer:
     """Encrypts the credential headers a follower polls with."""
 
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes, identity_header: bytes | None = None) -> None:
         key = base64.urlsafe_b64encode(hashlib.sha256(b"webhooks|" + secret).digest())
         self._fernet = Fernet(key)
+        self._identity = identity_header  # ownership_header: the follower polls as the owner
 
     def seal(self, headers: list[tuple[bytes, bytes]]) -> str:
         kept = [
             [n.decode("latin-1"), v.decode("latin-1")]
             for n, v in headers
-            if n in CREDENTIAL_HEADERS or n.startswith(EXTRA_HEADER_PREFIX)
+            if n in CREDENTIAL_HEADERS or n.startswith(EXTRA_HEADER_PREFIX) or n == self._identity
         ]
         return self._fernet.encrypt(orjson.dumps(kept)).decode()
 

@@ -31,14 +31,15 @@ _SLOW_PATH_HEADERS = frozenset(
 )
 
 
-def hot_key(scope: Scope) -> tuple[bytes, bytes] | None:
-    """(raw path, credential headers) of a plain GET, or None if it must take the slow
-    path (a query string, or a header in ``_SLOW_PATH_HEADERS``)."""
+def hot_key(scope: Scope, identity: bytes | None = None) -> tuple[bytes, bytes] | None:
+    """(raw path, identity headers) of a plain GET, or None if it must take the slow
+    path (a query string, or a header in ``_SLOW_PATH_HEADERS``). The identity is the
+    credentials plus ``identity`` (``ownership_header``), as the cache key's tenant."""
     if scope["query_string"]:
         return None
     creds = b""
     for name, value in scope["headers"]:
-        if name in CREDENTIAL_HEADERS or name.startswith(EXTRA_HEADER_PREFIX):
+        if name in CREDENTIAL_HEADERS or name.startswith(EXTRA_HEADER_PREFIX) or name == identity:
             creds += name + b"\x00" + value + b"\x01"
         elif name in _SLOW_PATH_HEADERS:
             return None
@@ -65,8 +66,9 @@ class HitMemo:
 
     cache: CacheStore | None = None  # set once the store is open
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: Callable[[], float], identity: bytes | None = None) -> None:
         self.clock = clock
+        self.identity = identity
         self.slots: dict[tuple[bytes, bytes], HotHit] = {}
         self.hits = metrics.HitRecorder(HIT_ROUTES)
         self.lines: list[tuple[float, HotHit, float, str]] = []
@@ -84,7 +86,7 @@ class HitMemo:
             or entry.kind is not EntryKind.TERMINAL
         ):
             return  # shared stores can change under us: always ask them
-        hk = hot_key(scope)
+        hk = hot_key(scope, self.identity)
         if hk is None:
             return
         if len(self.slots) >= HOT_MAX:
@@ -111,7 +113,7 @@ class HitMemo:
         now = self.clock()
         assert self.cache is not None
         if entry is None or self.cache.get_nowait(hot.key) is not entry or not now < entry.deadline:
-            self.slots.pop(hot_key(scope), None)  # type: ignore[arg-type]
+            self.slots.pop(hot_key(scope, self.identity), None)  # type: ignore[arg-type]
             return False  # deleted, evicted, refreshed or expired: the slow path decides
         rid = request_id(hdr.get(scope["headers"], b"x-request-id"))
         headers = [
@@ -151,7 +153,7 @@ class HotPathMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET" and self.memo.slots:
-            hot = self.memo.slots.get(hot_key(scope))  # type: ignore[arg-type]
+            hot = self.memo.slots.get(hot_key(scope, self.memo.identity))  # type: ignore[arg-type]
             if hot is not None and await self.memo.send(hot, scope, send, self.log_access):
                 return
         assert self.app is not None  # set when the app builds its middleware stack

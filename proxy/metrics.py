@@ -101,6 +101,19 @@ WEBHOOKS_PENDING = Gauge(
     "bifrost_proxy_webhooks_pending", "Jobs followed, or events being delivered, for webhooks.",
     multiprocess_mode="livesum",
 )  # fmt: skip
+IDEMPOTENT_REPLAYS = Counter(
+    "bifrost_proxy_idempotent_replays_total",
+    "Creates and remixes answered from an earlier one with the same Idempotency-Key.",
+)
+OWNERSHIP_DENIED = Counter(
+    "bifrost_proxy_ownership_denied_total",
+    "Requests (and list items) refused because the job belongs to another tenant.",
+    ["route"],
+)
+OWNERSHIP_UNRECORDED = Counter(
+    "bifrost_proxy_ownership_unrecorded_total",
+    "Jobs created whose owner could not be recorded (the shared store failed).",
+)
 BUILD_INFO = Gauge(
     "bifrost_proxy_build_info", "The running version.", ["version"], multiprocess_mode="max"
 )

@@ -64,15 +64,21 @@ def request_directives(cache_control: bytes | None) -> RequestDirectives:
     )
 
 
-def tenant_fingerprint(headers: Iterable[tuple[bytes, bytes]], secret: bytes) -> str:
+def tenant_fingerprint(
+    headers: Iterable[tuple[bytes, bytes]], secret: bytes, also: bytes | None = None
+) -> str:
     """HMAC-SHA256 of the credential headers: equal only for equal credentials.
 
-    Requests without credentials share one fingerprint among themselves only.
+    ``also`` names one more header that is part of the identity (``ownership_header``,
+    e.g. an end-user id). Requests without credentials share one fingerprint among
+    themselves only.
     """
     parts = sorted(
         name.lower() + b"\x00" + value
         for name, value in headers
-        if name.lower() in CREDENTIAL_HEADERS or name.lower().startswith(EXTRA_HEADER_PREFIX)
+        if name.lower() in CREDENTIAL_HEADERS
+        or name.lower().startswith(EXTRA_HEADER_PREFIX)
+        or name.lower() == also
     )
     return _keyed_digest(secret, b"\x01".join(parts))
 

@@ -22,7 +22,9 @@ from .coalesce import SingleFlight
 from .exchange import Reply
 from .follows import MemoryFollows, RedisFollows, Sealer
 from .hotpath import HitMemo
+from .idempotency import Idempotency
 from .ids import IdRules
+from .ownership import Ownership
 from .policy import CacheLimits
 from .settings import Settings
 from .stale import StaleSnapshots
@@ -62,9 +64,14 @@ class Services:
             max_entry_bytes=settings.cache_max_entry_bytes,
         )
         self.bodies = BodyLimits(settings.max_request_bytes, settings.client_body_timeout_seconds)
+        self.owners = Ownership(settings, self.secret, self.rules)
+        # A pending create holds its key a little longer than the upstream may take.
+        self.idempotency = Idempotency(
+            settings.idempotency_ttl_seconds, settings.upstream_timeout_seconds + 5, self.secret
+        )
         self.flights: SingleFlight[Reply] = SingleFlight()
         self.tracker = StatusTracker()
-        self.hot = HitMemo(clock)
+        self.hot = HitMemo(clock, self.owners.header)
         # Waiting clients (long-poll, SSE) share one watcher per job and tenant.
         self.watchers = Watchers(settings.poll_coalesce_seconds or 1.0, settings.max_waiters, clock)
         self.stale = StaleSnapshots(settings.stale_if_error_seconds)
@@ -84,13 +91,13 @@ class Services:
         self.cache = create_store(
             self.settings, self.clock, self.on_cache_error, metrics.CACHE_EVICTIONS.inc
         )
-        self.hot.cache = self.cache
+        self.hot.cache = self.owners.store = self.idempotency.store = self.cache
         self.tracker = StatusTracker(swap=getattr(self.cache, "swap_status", None))
         flusher = asyncio.ensure_future(self._flush_loop())
         listener = asyncio.ensure_future(self.cache.listen(self.watchers.stored))
         redis = getattr(self.cache, "client", None)
         follows = RedisFollows(redis) if redis is not None else MemoryFollows()
-        self.webhooks.start(follows, Sealer(self.secret), self.poll_followed)
+        self.webhooks.start(follows, Sealer(self.secret, self.owners.header), self.poll_followed)
         try:
             yield self
         finally:

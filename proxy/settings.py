@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets
 import tomllib
 from collections.abc import Mapping
@@ -72,6 +73,10 @@ class Settings:
     webhook_all_jobs: bool = False
     # name -> {url, secrets (or secret), events (optional)}; config file (or JSON in env)
     webhook_endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    idempotency_ttl_seconds: float = 24 * 3600.0
+    enforce_job_ownership: bool = True
+    job_ownership_strict: bool = False
+    ownership_header: str = ""
     admin_token: str = ""
     metrics_port: int = 0
 
@@ -136,6 +141,10 @@ HELP: dict[str, str] = {
     "webhook_retry_schedule": "Seconds between delivery retries, comma-separated.",
     "webhook_all_jobs": "Follow every job created through the proxy with endpoint 'default'.",
     "webhook_endpoints": "More endpoints by name: {url, secrets = [whsec_…], events = […]}.",
+    "idempotency_ttl_seconds": "How long a create's answer is replayed for its Idempotency-Key.",
+    "enforce_job_ownership": "Only the tenant that created a job may address it; others get 404.",
+    "job_ownership_strict": "Also refuse jobs the proxy has no owner record of (404).",
+    "ownership_header": "A header that is part of the owner (e.g. x-end-user-id); empty: off.",
     "admin_token": "Bearer token enabling DELETE /admin/cache…; empty: disabled.",
     "metrics_port": "Also serve /metrics on this port (0: only on the main port).",
 }
@@ -267,7 +276,7 @@ def validate(s: Settings) -> None:
         "client_body_timeout_seconds", "client_header_timeout_seconds",
         "max_header_bytes", "keepalive_timeout_seconds", "max_wait_seconds", "max_waiters",
         "sse_keepalive_seconds", "webhook_poll_seconds", "webhook_follow_max_seconds",
-        "webhook_timeout_seconds",
+        "webhook_timeout_seconds", "idempotency_ttl_seconds",
         "max_request_bytes", "max_id_length", "cache_max_bytes",
         "cache_max_entry_bytes", "upstream_max_connections",
     )  # fmt: skip
@@ -291,6 +300,13 @@ def validate(s: Settings) -> None:
     if s.list_default_provider and not PROVIDER_RE.fullmatch(s.list_default_provider):
         raise SettingsError(f"list_default_provider: {s.list_default_provider!r} is not valid")
     validate_webhooks(s)
+    if s.ownership_header and not HEADER_NAME_RE.fullmatch(s.ownership_header):
+        raise SettingsError(f"ownership_header: {s.ownership_header!r} is not a header name")
+    if s.job_ownership_strict and s.cache_backend == "memory" and s.workers > 1:
+        raise SettingsError(
+            "job_ownership_strict: needs cache_backend = redis with workers > 1 "
+            "(memory records are per worker: an owner's own job would be refused)"
+        )
     if s.cache_backend == "redis":
         if not s.cache_key_secret:
             raise SettingsError(
@@ -300,6 +316,7 @@ def validate(s: Settings) -> None:
             raise SettingsError("redis_url: must be a redis://, rediss:// or unix:// URL")
 
 
+HEADER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
 WEBHOOK_EVENTS = frozenset({"video.completed", "video.failed"})
 
 

@@ -33,7 +33,7 @@ def test_routes_and_bytes(make_proxy: Any, upstream: Upstream, client_name: str)
     upstream.sim.state.faults.append(
         {"status": 200, "body": raw, "headers": {"content-encoding": "gzip"}}
     )
-    with httpx.stream("GET", f"{base}/v1/videos/{vid}/content") as r:
+    with httpx.stream("GET", f"{base}/v1/videos/{vid}/content", headers=ALICE) as r:
         assert b"".join(r.iter_raw()) == raw and r.headers["content-encoding"] == "gzip"
     r = httpx.post(f"{base}/v1/chat/completions?stream=0", content=b'{"a":1}', headers=ALICE)
     seen = upstream.sim.state.requests[-1]

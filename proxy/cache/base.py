@@ -10,6 +10,14 @@ import orjson
 
 from ..policy import EntryKind
 
+# Record names start with their kind (the memory store keeps each kind in its own tier).
+IDEMPOTENCY = "idem:"
+OWNERSHIP = "own:"
+
+
+class RecordsUnavailable(Exception):
+    """The shared store could not be asked about a record (Redis down or slow)."""
+
 
 @dataclass(frozen=True, slots=True, weakref_slot=True)
 class Entry:
@@ -84,3 +92,17 @@ class CacheStore(Protocol):
     def stats(self) -> tuple[int, int]:
         """(entries, bytes) held, as far as this process knows."""
         ...
+
+    # Records: small values that are not a cache (idempotency, job ownership). Unlike
+    # cache reads, these raise RecordsUnavailable when the store cannot answer, so
+    # each caller chooses to fail open or closed.
+    async def get_records(self, names: list[str]) -> list[bytes | None]: ...
+
+    async def put_record(
+        self, name: str, value: bytes, ttl: float, *, only_new: bool = False
+    ) -> bool:
+        """Store a record for ``ttl`` seconds; with ``only_new``, only if absent
+        (an atomic claim). True if stored."""
+        ...
+
+    async def delete_record(self, name: str) -> None: ...

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from .base import Entry
+from .base import Entry, RecordsUnavailable
 
 log = logging.getLogger("proxy.cache.redis")
 T = TypeVar("T")
@@ -29,6 +29,8 @@ STATUS_TTL_SECONDS = 7 * 24 * 3600
 # Every stored key is announced here, so watchers on other replicas wake at once.
 CHANNEL = PREFIX + "stored"
 LISTEN_RETRY_SECONDS = 1.0
+RECORD_PREFIX = PREFIX + "r:"
+_FAILED = object()
 
 
 class RedisStore:
@@ -72,6 +74,14 @@ class RedisStore:
                     "redis %s failed (%s): serving without the cache", op, type(exc).__name__
                 )
             return default
+
+    async def _strict(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Like ``_run``, but a failure raises RecordsUnavailable instead of a default."""
+        marker: Any = _FAILED
+        result = await self._run(op, call, marker)
+        if result is _FAILED:
+            raise RecordsUnavailable(op)
+        return result  # type: ignore[no-any-return]
 
     @property
     def client(self) -> aioredis.Redis:
@@ -123,7 +133,8 @@ class RedisStore:
         async def clear_all() -> int:
             count = 0
             async for name in self._redis.scan_iter(match=PREFIX + "*", count=500):
-                count += int(await self._redis.delete(name))
+                if not name.startswith(RECORD_PREFIX.encode()):  # records are not a cache
+                    count += int(await self._redis.delete(name))
             return count
 
         # Not bounded by the per-operation timeout: an operator's purge may take a while.
@@ -188,6 +199,28 @@ class RedisStore:
                 await asyncio.sleep(LISTEN_RETRY_SECONDS)
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def get_records(self, names: list[str]) -> list[bytes | None]:
+        if not names:
+            return []
+        keys = [RECORD_PREFIX + name for name in names]
+        found: list[Any] = await self._strict("records", lambda: self._redis.mget(keys))
+        return [value if isinstance(value, bytes) else None for value in found]
+
+    async def put_record(
+        self, name: str, value: bytes, ttl: float, *, only_new: bool = False
+    ) -> bool:
+        ttl_ms = int(ttl * 1000)
+        if ttl_ms <= 0:
+            return False
+
+        async def write() -> bool:
+            return bool(await self._redis.set(RECORD_PREFIX + name, value, px=ttl_ms, nx=only_new))
+
+        return await self._strict("records", write)
+
+    async def delete_record(self, name: str) -> None:
+        await self._strict("records", lambda: self._redis.delete(RECORD_PREFIX + name))
 
     def stats(self) -> tuple[int, int]:
         # Writes by this process (the shared total lives in Redis: INFO keyspace).

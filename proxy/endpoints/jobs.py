@@ -8,13 +8,14 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .. import idempotency
 from ..errors import ProxyError
 from ..exchange import JSON_TYPE, Exchange, Reply, reply_response, request_id
 from ..follows import Followed
 from ..forwarder import call_json
 from ..ids import InvalidVideoId, normalize_provider, parse_decoded
 from ..multipart import to_json_body
-from ..policy import cache_key, tenant_fingerprint
+from ..policy import cache_key
 from ..rewrite import parse_json_object
 from ..routes import Kind, Route
 from ..services import Services
@@ -34,7 +35,10 @@ async def remix(request: Request) -> Response:
 async def _create_or_remix(request: Request, *, remix: bool) -> Response:
     services, ex, route = context(request)
     webhook = services.webhooks.endpoint(ex.header(HEADER))  # unknown: 400, nothing sent
-    ctype = (ex.header(b"content-type") or b"").split(b";")[0].strip().lower()
+    idempotency_key = idempotency.key_of(ex)  # malformed: 400, nothing sent
+    principal = services.owners.principal(ex.headers)
+    content_type = ex.header(b"content-type") or b""
+    ctype = content_type.split(b";")[0].strip().lower()
     multipart = ctype == b"multipart/form-data"
     replace: frozenset[bytes] = frozenset()
     extra: list[tuple[bytes, bytes]] = []
@@ -55,6 +59,7 @@ async def _create_or_remix(request: Request, *, remix: bool) -> Response:
     provider: str | None = None
     if remix:
         video = addressed(request, body_allowed=True)[3]
+        await services.owners.check(video, principal, ex.route)
         provider = video.provider
         path = f"{route.prefix}/{video.upstream_segment}/remix"
     else:
@@ -66,11 +71,25 @@ async def _create_or_remix(request: Request, *, remix: bool) -> Response:
             except InvalidVideoId as exc:
                 raise ProxyError(400, f"model: {exc}", param="model") from None
     ex.provider = provider or ""
-    reply, _ = await call_json(
-        services, ex, path, provider, query=request.scope.get("query_string", b""),
-        body=body, drop=replace, extra=extra,
-    )  # fmt: skip
-    if webhook is not None and 200 <= reply.status < 300:
+    query = request.scope.get("query_string", b"")
+
+    async def upstream() -> Reply:
+        reply, _ = await call_json(
+            services, ex, path, provider, query=query, body=body, drop=replace, extra=extra
+        )
+        if 200 <= reply.status < 300:  # before any replay can hand the id out
+            await services.owners.record(reply.body, principal)
+        return reply
+
+    if idempotency_key is None:
+        reply = await upstream()
+    else:
+        fingerprint = idempotency.request_hash(
+            f"{path}?{query.decode('latin-1')}", content_type, body, doc
+        )
+        reply = await services.idempotency.run(principal, idempotency_key, fingerprint, upstream)
+    replay = idempotency.REPLAYED in reply.headers
+    if webhook is not None and 200 <= reply.status < 300 and not replay:
         await follow_new_job(services, ex, route, reply, webhook)
     return reply_response(ex, reply, services.clock())
 
@@ -87,8 +106,7 @@ async def follow_new_job(
         video = parse_decoded(job_id, services.rules)
     except InvalidVideoId:
         return
-    tenant = tenant_fingerprint(ex.headers, services.secret)
-    key = cache_key(route.family, video.canonical, tenant)
+    key = cache_key(route.family, video.canonical, services.owners.principal(ex.headers))
     await services.webhooks.follow_new(key, video.canonical, route.family, webhook, ex.headers)
 
 
@@ -105,6 +123,7 @@ def poll_as_creator(
 
 async def delete(request: Request) -> Response:
     services, ex, route, video = addressed(request)
+    await services.owners.check(video, services.owners.principal(ex.headers), ex.route)
     reply, _ = await call_json(
         services, ex, f"{route.prefix}/{video.upstream_segment}", video.provider,
         query=request.scope.get("query_string", b""),

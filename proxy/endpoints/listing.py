@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from ..errors import ProxyError
-from ..exchange import refuse_body, reply_response
+from ..exchange import Exchange, Reply, refuse_body, reply_response
 from ..forwarder import call_json
 from ..ids import IdRules, InvalidVideoId, normalize_provider, parse_decoded
+from ..rewrite import dumps
+from ..services import Services
 from .common import context
 
 
@@ -40,10 +43,33 @@ async def list_videos(request: Request) -> Response:
     elif provider is not None:
         provider = check("provider", provider)
     ex.provider = provider or ""
-    reply, _ = await call_json(
+    reply, doc = await call_json(
         services, ex, route.prefix, provider or None, query=urlencode(out).encode(), retry=True
     )
+    if doc is not None and 200 <= reply.status < 300 and isinstance(doc.get("data"), list):
+        reply = await only_own_jobs(services, ex, reply, doc)
     return reply_response(ex, reply, services.clock())
+
+
+async def only_own_jobs(
+    services: Services, ex: Exchange, reply: Reply, doc: dict[str, Any]
+) -> Reply:
+    """The list without the jobs other tenants own (job ownership).
+
+    ``first_id`` names the first job left. ``last_id`` is the pagination cursor: it
+    stays the upstream's while ``has_more`` (so the next page starts where this one
+    ended, even when its last job was dropped), else names the last job left.
+    """
+    items: list[Any] = doc["data"]
+    shown = await services.owners.visible(items, services.owners.principal(ex.headers), ex.route)
+    if all(shown):
+        return reply
+    kept = [item for item, show in zip(items, shown, strict=True) if show]
+    ids = [item.get("id") for item in kept if isinstance(item, dict)]
+    fixed = {**doc, "data": kept, "first_id": ids[0] if ids else None}
+    if not doc.get("has_more"):
+        fixed["last_id"] = ids[-1] if ids else None
+    return Reply(reply.status, reply.headers, dumps(fixed))
 
 
 class ListQuery:

@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope
 
 from .. import metrics
 from ..cache import Entry
-from ..errors import ProxyError
+from ..errors import ProxyError, UnknownJob
 from ..exchange import Exchange, Reply, reply_response
 from ..forwarder import call_json
 from ..ids import VideoId
@@ -27,7 +27,6 @@ from ..policy import (
     decide,
     request_directives,
     servable,
-    tenant_fingerprint,
 )
 from ..rewrite import dumps
 from ..routes import Route
@@ -96,9 +95,8 @@ class Lookup:
         query = self.query = scope.get("query_string", b"")
         self.path = f"{route.prefix}/{video.upstream_segment}"
         self.route_template = route.template
-        key = cache_key(
-            route.family, video.canonical, tenant_fingerprint(ex.headers, services.secret)
-        )
+        self.principal = services.owners.principal(ex.headers)
+        key = cache_key(route.family, video.canonical, self.principal)
         if query:  # Bifrost's retrieve takes none; if one is sent, it gets its own entry
             key += "?" + query.decode("latin-1")
         self.key = key
@@ -119,7 +117,13 @@ class Lookup:
         else:
             # Shared stores are read inside the single flight: a burst of identical
             # polls costs one lookup (and at most one upstream call) per process.
-            reply, joined = await services.flights.run(self.key, lambda: self.shared(directives))
+            try:
+                reply, joined = await services.flights.run(
+                    self.key, lambda: self.shared(directives)
+                )
+            except UnknownJob:
+                ex.cache = "MISS"  # as an upstream "not found" is: indistinguishable
+                raise
             if reply.entry is None:
                 ex.cache = "COALESCED" if joined else "MISS"
         if reply.stale:
@@ -164,6 +168,8 @@ class Lookup:
         """Call upstream and store what the rules allow; a failure may be answered with
         the job's last running snapshot (stale-if-error, RFC 5861)."""
         services = self.services
+        # Only here: a cached answer under this tenant's key was checked when stored.
+        await services.owners.check(self.video, self.principal, self.route_template)
         try:
             reply, doc = await call_json(
                 services, self.ex, self.path, self.video.provider, query=self.query, retry=True

@@ -32,6 +32,7 @@ async def content(request: Request) -> Response:
             raise ProxyError(
                 400, "variant must be one of video, thumbnail, spritesheet", param="variant"
             )
+    await services.owners.check(video, services.owners.principal(ex.headers), ex.route)
     call = UpstreamCall(
         "GET", f"{route.prefix}/{video.upstream_segment}/content", query, forward_headers(ex),
         retry_idempotent=True, streaming=True, route=ex.route,

@@ -1,0 +1,112 @@
+"""Job ownership: which tenant created each job through the proxy, and who may address it.
+
+Behind one provider account, every credential that reaches Bifrost can address every
+job whose id it learns. The proxy sees every create, so it records the creator's
+identity (the tenant fingerprint, plus ``ownership_header`` when set) for
+``max_ttl_seconds`` in the cache backend, and refuses any other tenant with the same 404
+an unknown job gets, before any upstream call. Jobs it has no record of pass through
+(the upstream's own credential checks still apply), unless ``job_ownership_strict``; a
+store that cannot answer is treated the same way (strict mode: 503, fail closed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from . import metrics
+from .cache import CacheStore
+from .cache.base import OWNERSHIP, RecordsUnavailable
+from .errors import ProxyError, UnknownJob
+from .ids import IdRules, InvalidVideoId, VideoId, parse_decoded
+from .policy import tenant_fingerprint
+from .rewrite import parse_json_object
+from .settings import Settings
+
+log = logging.getLogger("proxy.ownership")
+
+
+def unavailable() -> ProxyError:
+    return ProxyError(
+        503, "job ownership cannot be checked right now; retry", headers={"retry-after": "1"}
+    )
+
+
+class Ownership:
+    store: CacheStore  # set once the store is open
+
+    def __init__(self, settings: Settings, secret: bytes, rules: IdRules) -> None:
+        self.enforce = settings.enforce_job_ownership
+        self.strict = settings.job_ownership_strict
+        self.header = settings.ownership_header.lower().encode() or None
+        self.ttl = settings.max_ttl_seconds
+        self.secret = secret
+        self.rules = rules
+
+    def principal(self, headers: Iterable[tuple[bytes, bytes]]) -> str:
+        """Who is asking: the credentials' fingerprint (and the ownership header)."""
+        return tenant_fingerprint(headers, self.secret, self.header)
+
+    async def record(self, answer: bytes, principal: str) -> None:
+        """Record the creator of the job a create or remix answered with."""
+        doc = parse_json_object(answer)
+        job_id = doc.get("id") if doc is not None else None
+        if not isinstance(job_id, str):
+            return
+        try:
+            canonical = parse_decoded(job_id, self.rules).canonical
+            await self.store.put_record(OWNERSHIP + canonical, principal.encode(), self.ttl)
+        except InvalidVideoId:
+            return
+        except RecordsUnavailable:
+            metrics.OWNERSHIP_UNRECORDED.inc()
+            log.warning("job ownership could not be recorded: the job is unowned")
+
+    def _unknown(self) -> bytes | None:
+        """The store cannot answer: as for a job without a record (it passes, as the
+        cache does without Redis), except in strict mode, which fails closed (503)."""
+        if self.strict:
+            raise unavailable()
+        return None
+
+    def _allowed(self, owner: bytes | None, principal: str) -> bool:
+        if owner is None:
+            return not self.strict
+        return owner == principal.encode()
+
+    async def check(self, video: VideoId, principal: str, route: str) -> None:
+        """Raise the unknown-job 404 unless ``principal`` may address this job."""
+        if not self.enforce:
+            return
+        try:
+            [owner] = await self.store.get_records([OWNERSHIP + video.canonical])
+        except RecordsUnavailable:
+            owner = self._unknown()
+        if not self._allowed(owner, principal):
+            metrics.OWNERSHIP_DENIED.labels(route).inc()
+            raise UnknownJob(video.upstream_segment)
+
+    async def visible(self, items: Sequence[Any], principal: str, route: str) -> list[bool]:
+        """For each list item, whether ``principal`` may see it."""
+        if not self.enforce:
+            return [True] * len(items)
+        names: list[str | None] = []
+        for item in items:
+            job_id = item.get("id") if isinstance(item, dict) else None
+            try:
+                if not isinstance(job_id, str):
+                    raise InvalidVideoId("not an id")
+                names.append(OWNERSHIP + parse_decoded(job_id, self.rules).canonical)
+            except InvalidVideoId:
+                names.append(None)  # not a job id this proxy could have recorded
+        try:
+            owners = await self.store.get_records([n for n in names if n is not None])
+        except RecordsUnavailable:
+            owners = [self._unknown() for n in names if n is not None]
+        found = iter(owners)
+        shown = [self._allowed(next(found) if n else None, principal) for n in names]
+        denied = shown.count(False)
+        if denied:
+            metrics.OWNERSHIP_DENIED.labels(route).inc(denied)
+        return shown
