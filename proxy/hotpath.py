@@ -84,6 +84,7 @@ class HitMemo:
             self.cache is None
             or self.cache.name != "memory"
             or entry.kind is not EntryKind.TERMINAL
+            or route_template not in HIT_ROUTES  # e.g. the SSE route: not a plain answer
         ):
             return  # shared stores can change under us: always ask them
         hk = hot_key(scope, self.identity)

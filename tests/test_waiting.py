@@ -198,7 +198,22 @@ def test_sse_stream_follows_the_job_to_the_end(
     with httpx.stream(
         "GET", f"{base}{prefix}/videos/{video}/events", headers={**ALICE, "Last-Event-ID": last}
     ) as r:
+        assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream"
         assert [e for e in read_events(r) if "data" in e] == []
+
+
+def test_sse_on_a_cached_terminal_job_is_one_event(proxy: ProxyURL, upstream: Upstream) -> None:
+    """A cached (HIT) answer behind the events route is not memoised as a plain answer."""
+    video = create(proxy)["id"]
+    upstream.clock.advance(31)
+    for expected in ("MISS", "HIT"):
+        got = httpx.get(f"{proxy}/v1/videos/{video}", headers=ALICE)
+        assert got.headers["x-cache-status"] == expected
+    for _ in range(2):  # the second would be the memoised fast path, if it were one
+        with httpx.stream("GET", f"{proxy}/v1/videos/{video}/events", headers=ALICE) as r:
+            assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream"
+            events = [e for e in read_events(r) if "data" in e]
+        assert [e["data"]["status"] for e in events] == ["completed"]
 
 
 def test_sse_keepalive_comments(make_proxy: Any, upstream: Upstream) -> None:

@@ -38,13 +38,17 @@ from .common import addressed, client_gone
 async def retrieve(request: Request) -> Response:
     services, ex, route, video = addressed(request)
     lookup = Lookup(services, ex, route, video, request.scope)
-    reply = await lookup.current(request_directives(ex.header(b"cache-control")))
     wait = prefer_wait(ex.headers)
-    if wait is None:
+    applied = None if wait is None else min(wait, services.settings.max_wait_seconds)
+    try:
+        reply = await lookup.current(request_directives(ex.header(b"cache-control")))
+    except UnknownJob as exc:
+        if applied is not None:  # as the upstream's "not found" would be answered
+            exc.headers["preference-applied"] = f"wait={int(applied)}"
+        raise
+    if applied is None:
         return reply_response(ex, reply, services.clock())
-    return await long_poll(
-        services, lookup, reply, min(wait, services.settings.max_wait_seconds), request.receive
-    )
+    return await long_poll(services, lookup, reply, applied, request.receive)
 
 
 def prefer_wait(headers: list[tuple[bytes, bytes]]) -> float | None:

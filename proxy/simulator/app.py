@@ -41,6 +41,8 @@ class SimulatorConfig:
     in_progress_seconds: float = 5.0
     expires_after_seconds: float = 3600.0  # expires_at = completed_at + this (openai/azure)
     content_bytes: int = 256 * 1024
+    # One provider account behind Bifrost: every credential sees every job.
+    shared_account: bool = False
     clock: Callable[[], float] = time.time
 
 
@@ -203,12 +205,15 @@ class Simulator:
             return _error(400, "video_id must be in id:provider format")
         return unquote(native), provider
 
+    def visible(self, job: Job, owner: str) -> bool:
+        return self.state.config.shared_account or job.owner == owner
+
     def find(self, request: Request, raw: str) -> Job | Response:
         parsed = self.parse_id(raw)
         if isinstance(parsed, Response):
             return parsed
         job = self.state.jobs.get(parsed)
-        if job is None or job.owner != _owner(request):
+        if job is None or not self.visible(job, _owner(request)):
             return _error(404, f"video {raw} not found", "not_found_error")
         return job
 
@@ -359,7 +364,7 @@ class Simulator:
         order = (query.get("order") or ["desc"])[0]
         owner = _owner(request)
         keys = [k for k in self.state.order if k[1] == provider]
-        jobs = [self.state.jobs[k] for k in keys if self.state.jobs[k].owner == owner]
+        jobs = [self.state.jobs[k] for k in keys if self.visible(self.state.jobs[k], owner)]
         if order == "desc":
             jobs.reverse()
         after = (query.get("after") or [""])[0]

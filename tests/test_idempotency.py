@@ -1,0 +1,279 @@
+"""Idempotency-Key on creates and remixes (IETF httpapi draft, Stripe's semantics), over
+real sockets: the in-thread proxy, the console script, two replicas on a real Redis."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from prometheus_client import REGISTRY
+
+from proxy.cache.base import Entry
+from proxy.cache.memory import MemoryStore
+from proxy.idempotency import Idempotency
+from proxy.policy import EntryKind
+from tests.conftest import ProxyURL, Upstream
+from tests.redis_server import redis_server
+from tests.servers import run_replicas
+from tests.test_proxy_core import ALICE, BOB, assert_envelope
+from tests.test_redis_cache import redis_env
+
+FAMILIES = ["/v1/videos", "/openai/v1/videos"]
+
+
+def creates(upstream: Upstream) -> int:
+    return sum(1 for r in upstream.sim.state.requests if r.method == "POST")
+
+
+def post(
+    base: str, key: str | None, path: str = "/v1/videos", prompt: str = "a cat", **headers: str
+) -> httpx.Response:
+    extra = {"Idempotency-Key": key} if key is not None else {}
+    return httpx.post(
+        base + path,
+        json={"model": "openai/sora-2", "prompt": prompt},
+        headers={**ALICE, **extra, **headers},
+        timeout=30,
+    )
+
+
+def replays() -> float:
+    return REGISTRY.get_sample_value("bifrost_proxy_idempotent_replays_total") or 0.0
+
+
+@pytest.mark.parametrize("path", FAMILIES)
+def test_a_retry_replays_the_first_answer(proxy: ProxyURL, upstream: Upstream, path: str) -> None:
+    before = replays()
+    first = post(proxy, "order-1", path)
+    again = post(proxy, "order-1", path)
+    assert first.status_code == again.status_code == 200
+    assert again.json() == first.json() and again.json()["id"].endswith(":openai")
+    assert again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    assert again.headers["content-type"] == first.headers["content-type"]
+    assert creates(upstream) == 1
+    assert replays() == before + 1
+    # The key reaches the upstream unchanged.
+    assert upstream.sim.state.requests[-1].header("idempotency-key") == "order-1"
+
+
+def test_json_spacing_and_key_order_are_the_same_request(
+    proxy: ProxyURL, upstream: Upstream
+) -> None:
+    headers = {**ALICE, "Idempotency-Key": "k", "content-type": "application/json"}
+    a = httpx.post(
+        proxy + "/v1/videos", content=b'{"prompt":"a","model":"openai/sora-2"}', headers=headers
+    )
+    b = httpx.post(
+        proxy + "/v1/videos",
+        content=b'{ "model": "openai/sora-2",\n "prompt": "a" }',
+        headers=headers,
+    )
+    assert a.json()["id"] == b.json()["id"] and creates(upstream) == 1
+
+
+def test_the_same_key_with_another_body_is_422(proxy: ProxyURL, upstream: Upstream) -> None:
+    assert post(proxy, "k1").status_code == 200
+    r = post(proxy, "k1", prompt="a dog")
+    assert_envelope(r, 422, "Idempotency-Key reused with a different request body")
+    assert r.json()["error"]["param"] == "Idempotency-Key"
+    # ...and on another route (the remix of some job) it is another request too.
+    r = post(proxy, "k1", path="/openai/v1/videos")
+    assert r.status_code == 422
+    assert creates(upstream) == 1
+
+
+def test_keys_are_per_tenant(proxy: ProxyURL, upstream: Upstream) -> None:
+    alice = post(proxy, "shared-key")
+    bob = post(proxy, "shared-key", **BOB)
+    assert alice.status_code == bob.status_code == 200
+    assert alice.json()["id"] != bob.json()["id"]
+    assert "idempotent-replayed" not in bob.headers
+    assert creates(upstream) == 2
+
+
+def test_without_a_key_every_create_is_new(proxy: ProxyURL, upstream: Upstream) -> None:
+    ids = {post(proxy, None).json()["id"] for _ in range(3)}
+    assert len(ids) == 3 and creates(upstream) == 3
+
+
+@pytest.mark.parametrize(
+    "key", ["x" * 256, "caf\u00e9", "tab\there", ""], ids=["256 chars", "non-ascii", "tab", "empty"]
+)
+def test_malformed_keys_are_400_before_any_call(
+    proxy: ProxyURL, upstream: Upstream, key: str
+) -> None:
+    r = httpx.post(
+        proxy + "/v1/videos",
+        json={"model": "openai/sora-2", "prompt": "a cat"},
+        headers=[("authorization", "Bearer sk-bf-alice"), ("idempotency-key", key.encode())],
+    )
+    assert_envelope(r, 400, "Idempotency-Key must be 1 to 255 printable ASCII characters")
+    assert upstream.calls == 0
+
+
+def test_a_key_of_255_characters_is_fine(proxy: ProxyURL, upstream: Upstream) -> None:
+    assert post(proxy, "k" * 255).status_code == 200
+
+
+def test_two_keys_in_one_request_are_400(proxy: ProxyURL, upstream: Upstream) -> None:
+    r = httpx.post(
+        proxy + "/v1/videos",
+        json={"prompt": "a"},
+        headers=[("idempotency-key", b"a"), ("idempotency-key", b"b")],
+    )
+    assert_envelope(r, 400, "Idempotency-Key given more than once")
+    assert upstream.calls == 0
+
+
+def test_ten_concurrent_duplicates_make_one_upstream_create(
+    proxy: ProxyURL, upstream: Upstream
+) -> None:
+    upstream.sim.state.faults.append({"delay": 1.0})  # the create is slow
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda _: post(proxy, "burst"), range(10)))
+    assert {r.status_code for r in answers} == {200}
+    assert len({r.json()["id"] for r in answers}) == 1
+    assert sum(r.headers.get("idempotent-replayed") == "true" for r in answers) == 9
+    assert creates(upstream) == 1
+
+
+@pytest.mark.parametrize("status", [500, 503, 429, 400])
+def test_failures_are_not_remembered(proxy: ProxyURL, upstream: Upstream, status: int) -> None:
+    upstream.sim.state.faults.append(
+        {
+            "status": status,
+            "body": b'{"error":{"message":"x"}}',
+            "headers": {"content-type": "application/json"},
+        }
+    )
+    assert post(proxy, "retry-me").status_code == status
+    retry = post(proxy, "retry-me")
+    assert retry.status_code == 200 and "idempotent-replayed" not in retry.headers
+    assert creates(upstream) == 2
+    assert post(proxy, "retry-me").headers["idempotent-replayed"] == "true"
+    assert creates(upstream) == 2
+
+
+def test_an_upstream_timeout_is_not_remembered(make_proxy: Any, upstream: Upstream) -> None:
+    base = make_proxy(upstream_timeout_seconds=0.3)
+    upstream.sim.state.faults.append({"delay": 1.0})
+    assert post(base, "slow").status_code == 504
+    assert post(base, "slow").status_code == 200
+    assert creates(upstream) == 2
+
+
+@pytest.mark.parametrize("path", FAMILIES)
+def test_remix_is_idempotent(proxy: ProxyURL, upstream: Upstream, path: str) -> None:
+    source = post(proxy, None, path).json()["id"]
+    remix = f"{proxy}{path}/{source}/remix"
+    headers = {**ALICE, "Idempotency-Key": "remix-1"}
+    first = httpx.post(remix, json={"prompt": "now in blue"}, headers=headers)
+    again = httpx.post(remix, json={"prompt": "now in blue"}, headers=headers)
+    assert first.status_code == 200 and again.json()["id"] == first.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert creates(upstream) == 2  # the source and one remix
+    other = httpx.post(remix, json={"prompt": "now in red"}, headers=headers)
+    assert other.status_code == 422
+
+
+def test_the_openai_sdk_retry_after_a_timeout_bills_once(
+    proxy: ProxyURL, upstream: Upstream
+) -> None:
+    """The SDK times out, retries with the same key, and joins the create in flight."""
+    upstream.sim.state.faults.append({"delay": 1.5})
+    client = openai.OpenAI(
+        base_url=proxy + "/openai/v1", api_key="sk-bf-alice", timeout=0.5, max_retries=3
+    )
+    video = client.videos.create(
+        model="sora-2", prompt="a cat", extra_headers={"Idempotency-Key": "sdk-1"}
+    )
+    assert video.id.endswith(":openai")
+    assert creates(upstream) == 1
+    again = client.videos.create(
+        model="sora-2", prompt="a cat", extra_headers={"Idempotency-Key": "sdk-1"}
+    )
+    assert again.id == video.id and creates(upstream) == 1
+
+
+def test_two_replicas_on_redis_replay_and_wait_for_each_other(
+    upstream: Upstream, tmp_path: Any
+) -> None:
+    with redis_server() as redis, run_replicas(upstream.url, redis_env(redis), tmp_path) as (a, b):
+        first = post(a.url, "across")
+        again = post(b.url, "across")
+        assert again.json()["id"] == first.json()["id"]
+        assert again.headers["idempotent-replayed"] == "true"
+        assert creates(upstream) == 1
+        # Concurrent duplicates on both replicas while the first create is slow.
+        upstream.sim.state.faults.append({"delay": 1.0})
+        with ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(lambda i: post((a, b)[i % 2].url, "burst"), range(10)))
+        assert len({r.json()["id"] for r in answers}) == 1
+        assert creates(upstream) == 2
+        assert post(b.url, "burst", prompt="other").status_code == 422
+        # Keys and bodies are never stored in plain text.
+        dump = redis.command("KEYS", "*")
+        assert b"burst" not in dump and b"across" not in dump and b"sk-bf-alice" not in dump
+
+
+# -- the memory store: records share the byte budget, answers are never evicted first ----
+def test_memory_stays_bounded_with_100k_keys() -> None:
+    async def scenario() -> None:
+        store = MemoryStore(max_bytes=2_000_000, clock=time.time)
+        now = time.time()
+        terminal = Entry("v:openai", EntryKind.TERMINAL, 200, [], b"x" * 1000, now, now + 3600)
+        await store.put("answer", terminal)
+        await store.put_record("own:v:openai", b"f" * 32, 3600)
+        idem = Idempotency(86400, 30, b"secret")
+        idem.store = store
+        for i in range(100_000):
+            name = idem.record_name("tenant", f"key-{i}")
+            assert await store.put_record(name, b"meta\n" + b"b" * 400, 86400)
+        held, size = store.record_stats()
+        assert size + store.stats()[1] <= 2_000_000
+        assert 3000 < held < 5000  # the newest keys, within the budget
+        assert store.get_nowait("answer") is terminal  # never evicted for a record
+        assert await store.get_records(["own:v:openai"]) == [b"f" * 32]
+        newest = idem.record_name("tenant", "key-99999")
+        assert (await store.get_records([newest]))[0] is not None
+
+    import asyncio
+
+    asyncio.run(scenario())
+
+
+def test_purging_the_cache_keeps_records(make_proxy: Any, upstream: Upstream) -> None:
+    base = make_proxy(admin_token="t0ken")
+    first = post(base, "keep")
+    purge = httpx.delete(base + "/admin/cache", headers={"authorization": "Bearer t0ken"})
+    assert purge.status_code == 200
+    assert post(base, "keep").json()["id"] == first.json()["id"]
+    assert creates(upstream) == 1
+
+
+def test_a_client_that_hangs_up_still_gets_one_create(proxy: ProxyURL, upstream: Upstream) -> None:
+    """The first request's client leaves mid-create; its retry gets that very job."""
+    upstream.sim.state.faults.append({"delay": 1.0})
+    done = threading.Event()
+
+    def impatient() -> None:
+        try:
+            httpx.post(
+                proxy + "/v1/videos",
+                json={"model": "openai/sora-2", "prompt": "a cat"},
+                headers={**ALICE, "Idempotency-Key": "hangup"},
+                timeout=0.2,
+            )
+        except httpx.TimeoutException:
+            done.set()
+
+    impatient()
+    assert done.is_set()
+    retry = post(proxy, "hangup")
+    assert retry.status_code == 200 and creates(upstream) == 1
