@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +22,7 @@ from .cache import CacheStore, create_store
 from .coalesce import SingleFlight
 from .exchange import Reply
 from .follows import MemoryFollows, RedisFollows, Sealer
+from .hoststate import HostStatuses
 from .hotpath import HitMemo
 from .idempotency import Idempotency
 from .ids import IdRules
@@ -35,6 +37,7 @@ from .webhooks import Webhooks
 
 log = logging.getLogger("proxy")
 FLUSH_SECONDS = 1.0
+STATS_EVERY_TICKS = 15  # the cache gauges are refreshed every 15 flushes
 
 
 class Services:
@@ -92,7 +95,10 @@ class Services:
             self.settings, self.clock, self.on_cache_error, metrics.CACHE_EVICTIONS.inc
         )
         self.hot.cache = self.owners.store = self.idempotency.store = self.cache
-        self.tracker = StatusTracker(swap=getattr(self.cache, "swap_status", None))
+        swap = getattr(self.cache, "swap_status", None)
+        multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        host = HostStatuses(multiprocess_dir) if swap is None and multiprocess_dir else None
+        self.tracker = StatusTracker(swap=swap or (host.swap if host else None))
         flusher = asyncio.ensure_future(self._flush_loop())
         listener = asyncio.ensure_future(self.cache.listen(self.watchers.stored))
         redis = getattr(self.cache, "client", None)
@@ -108,11 +114,24 @@ class Services:
             self.flush()
             await self.upstream.aclose()
             await self.cache.aclose()
+            if host is not None:
+                host.close()
 
     async def _flush_loop(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(FLUSH_SECONDS)
             self.flush()
+            ticks += 1
+            if ticks % STATS_EVERY_TICKS == 0:
+                await self.refresh_cache_stats()
+
+    async def refresh_cache_stats(self) -> None:
+        """Set the cache gauges (periodically, and before every scrape)."""
+        await self.cache.refresh_stats()
+        entries, size = self.cache.stats()
+        metrics.CACHE_ENTRIES.set(entries)
+        metrics.CACHE_BYTES.set(size)
 
     def flush(self) -> None:
         """Move fast-path hit counts into the metrics and write buffered access lines."""

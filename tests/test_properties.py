@@ -59,9 +59,22 @@ class Recorder:
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.paths.append(request.url.raw_path.decode().split("?")[0])
+        # A streamed body, as a real transport gives: httpx reads a plain ``content``
+        # answer at once, and the proxy's streaming read would then find it consumed.
         return httpx.Response(
-            200, json={"id": "video_1:openai", "object": "video", "status": "queued"}
+            200, headers={"content-type": "application/json"}, stream=_Streamed(ANSWER)
         )
+
+
+ANSWER = b'{"id": "video_1:openai", "object": "video", "status": "queued"}'
+
+
+class _Streamed(httpx.AsyncByteStream):
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def __aiter__(self) -> Any:
+        yield self.data
 
 
 SEGMENT = st.text(

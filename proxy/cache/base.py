@@ -90,7 +90,13 @@ class CacheStore(Protocol):
         ...
 
     def stats(self) -> tuple[int, int]:
-        """(entries, bytes) held, as far as this process knows."""
+        """(entries, bytes) this process reports: what its memory holds, or (Redis) the
+        shared store's totals if this process is the one counting them, else zeros, so
+        that the sum over every process is the store's total."""
+        ...
+
+    async def refresh_stats(self) -> None:
+        """Bring ``stats`` up to date (drop expired entries; recount a shared store)."""
         ...
 
     # Records: small values that are not a cache (idempotency, job ownership). Unlike

@@ -142,6 +142,10 @@ class MemoryStore:
     def stats(self) -> tuple[int, int]:
         return len(self._cache), int(self._cache.currsize)
 
+    async def refresh_stats(self) -> None:
+        for tier in self._tiers:
+            tier.expire()
+
     # -- records (idempotency, ownership) ------------------------------------------------
     def _tier(self, name: str) -> _Cache:
         if name.startswith(IDEMPOTENCY):

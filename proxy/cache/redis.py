@@ -30,6 +30,10 @@ STATUS_TTL_SECONDS = 7 * 24 * 3600
 CHANNEL = PREFIX + "stored"
 LISTEN_RETRY_SECONDS = 1.0
 RECORD_PREFIX = PREFIX + "r:"
+# The shared cache gauges: one process counts (SCAN), under a lease it renews.
+STATS_LEASE_SECONDS = 60.0
+STATS_MIN_INTERVAL_SECONDS = 1.0
+STATS_TIMEOUT = 5.0
 _FAILED = object()
 
 
@@ -58,6 +62,8 @@ class RedisStore:
         self._locks: dict[str, str] = {}
         self._entries = 0
         self._bytes = 0
+        self._counted_at = -STATS_MIN_INTERVAL_SECONDS
+        self._token = secrets.token_hex(8)
 
     async def _run(self, op: str, call: Callable[[], Awaitable[T]], default: T) -> T:
         if time.monotonic() < self._down_until:
@@ -116,8 +122,6 @@ class RedisStore:
                 await pipe.execute()
 
         await self._run("set", write, None)
-        self._entries += 1
-        self._bytes += entry.size
 
     async def delete_video(self, video_id: str) -> int:
         index = PREFIX + "i:" + video_id
@@ -223,5 +227,54 @@ class RedisStore:
         await self._strict("records", lambda: self._redis.delete(RECORD_PREFIX + name))
 
     def stats(self) -> tuple[int, int]:
-        # Writes by this process (the shared total lives in Redis: INFO keyspace).
         return self._entries, self._bytes
+
+    async def refresh_stats(self) -> None:
+        """Count the shared store's entries and bytes, if this process holds the
+        counting lease (one process across all replicas, renewed while it lives);
+        every other process reports zeros, so summing every process's gauges gives
+        the totals exactly once. At most once a second (scrapes also call this)."""
+        now = time.monotonic()
+        if now - self._counted_at < STATS_MIN_INTERVAL_SECONDS:
+            return
+        self._counted_at = now
+        if not await self._run("stats", self._lead, False):
+            self._entries = self._bytes = 0
+            return
+        try:
+            self._entries, self._bytes = await asyncio.wait_for(self._count(), STATS_TIMEOUT)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._on_error("stats")
+            log.debug("redis stats count failed (%s)", type(exc).__name__)
+
+    async def _lead(self) -> bool:
+        script = (
+            "if redis.call('get', KEYS[1]) == ARGV[1] then "
+            "return redis.call('pexpire', KEYS[1], ARGV[2]) end "
+            "if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end "
+            "return 0"
+        )
+        lease_ms = str(int(STATS_LEASE_SECONDS * 1000))
+        won = await self._redis.eval(script, 1, PREFIX + "stats-lease", self._token, lease_ms)
+        return bool(won)
+
+    async def _count(self) -> tuple[int, int]:
+        entries = size = 0
+        batch: list[bytes] = []
+
+        async def flush() -> int:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for name in batch:
+                    pipe.strlen(name)
+                lengths = await pipe.execute()
+            batch.clear()
+            return sum(int(n) for n in lengths)
+
+        async for name in self._redis.scan_iter(match=PREFIX + "e:*", count=1000):
+            entries += 1
+            batch.append(name)
+            if len(batch) >= 500:
+                size += await flush()
+        if batch:
+            size += await flush()
+        return entries, size

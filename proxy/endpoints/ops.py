@@ -54,6 +54,7 @@ async def metrics_page(request: Request) -> Response:
     if services.settings.metrics_port:
         raise ProxyError(404, "metrics are served on metrics_port only")
     services.flush()
+    await services.refresh_cache_stats()
     accept = request.headers.get("accept", "")
     body, content_type = metrics.exposition(accept)
     return RawResponse(200, [(b"content-type", content_type.encode())], body)

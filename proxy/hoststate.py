@@ -1,0 +1,82 @@
+"""Job statuses shared by the worker processes of one host: SQLite in the directory
+that ``--workers`` creates for metrics (and removes at exit).
+
+The status tracker's shared get-and-set (``swap``), for the memory backend with several
+workers, so each transition is counted once per host rather than once per worker. Only
+status changes reach it (the tracker's in-process LRU filters repeats first), never the
+hit path. One ``BEGIN IMMEDIATE`` transaction per change makes the read and the write
+atomic across processes; the table is trimmed to ``max_rows`` (least recently seen
+first), like the in-process LRU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+
+log = logging.getLogger("proxy.hoststate")
+FILE_NAME = "statuses.sqlite"  # not *.db: prometheus-client reads those as metric files
+TRIM_EVERY = 1000
+
+
+class HostStatuses:
+    def __init__(self, directory: str, max_rows: int = 100_000) -> None:
+        self.path = os.path.join(directory, FILE_NAME)
+        self.max_rows = max_rows
+        self._writes = 0
+        # Autocommit mode: transactions are begun explicitly (BEGIN IMMEDIATE).
+        self._db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=OFF")  # a host's scratch state, not a record
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS statuses "
+            "(id TEXT PRIMARY KEY, status TEXT NOT NULL, seen INTEGER NOT NULL)"
+        )
+        self._db.execute("CREATE INDEX IF NOT EXISTS statuses_seen ON statuses (seen)")
+
+    async def swap(self, video_id: str, status: str) -> str | None:
+        """Record a job's status; the previous one any worker of this host recorded.
+
+        Inline, not in a thread: a change costs one short local transaction, and
+        changes are a few per job."""
+        try:
+            return self._swap(video_id, status)
+        except sqlite3.Error as exc:
+            log.warning("host status store failed (%s): counting from this worker's view", exc)
+            return None
+
+    def _swap(self, video_id: str, status: str) -> str | None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT status FROM statuses WHERE id = ?", (video_id,)).fetchone()
+            db.execute(
+                "INSERT INTO statuses (id, status, seen) VALUES (?, ?, ?) ON CONFLICT (id) "
+                "DO UPDATE SET status = excluded.status, seen = excluded.seen",
+                (video_id, status, time.time_ns()),
+            )
+            self._writes += 1
+            if self._writes % TRIM_EVERY == 0:
+                self._trim()
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return str(row[0]) if row is not None else None
+
+    def _trim(self) -> None:
+        (rows,) = self._db.execute("SELECT count(*) FROM statuses").fetchone()
+        if rows > self.max_rows:
+            self._db.execute(
+                "DELETE FROM statuses WHERE id IN (SELECT id FROM statuses ORDER BY seen LIMIT ?)",
+                (rows - self.max_rows,),
+            )
+
+    def rows(self) -> int:
+        (rows,) = self._db.execute("SELECT count(*) FROM statuses").fetchone()
+        return int(rows)
+
+    def close(self) -> None:
+        self._db.close()
