@@ -1,5 +1,6 @@
-"""Job statuses shared by the worker processes of one host: SQLite in the directory
-that ``--workers`` creates for metrics (and removes at exit).
+"""State shared by the worker processes of one host: SQLite in the directory that
+``--workers`` creates for metrics (and removes at exit). Job statuses (for exact
+transition counts) and, with the memory backend, idempotency and ownership records.
 
 The status tracker's shared get-and-set (``swap``), for the memory backend with several
 workers, so each transition is counted once per host rather than once per worker. Only
@@ -15,6 +16,8 @@ import logging
 import os
 import sqlite3
 import time
+
+from .cache.base import OWNERSHIP, RecordsUnavailable
 
 log = logging.getLogger("proxy.hoststate")
 FILE_NAME = "statuses.sqlite"  # not *.db: prometheus-client reads those as metric files
@@ -77,6 +80,97 @@ class HostStatuses:
     def rows(self) -> int:
         (rows,) = self._db.execute("SELECT count(*) FROM statuses").fetchone()
         return int(rows)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class HostRecords:
+    """Idempotency and ownership records shared by the workers of one host (the memory
+    backend's records when ``--workers`` > 1), in the same SQLite file.
+
+    Bounded like the memory store: past ``max_bytes`` of values, expired records go
+    first, then idempotency records (least recently written), then ownership records.
+    """
+
+    def __init__(self, directory: str, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._writes = 0
+        self._db = sqlite3.connect(
+            os.path.join(directory, FILE_NAME), timeout=5.0, isolation_level=None
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS records (name TEXT PRIMARY KEY, value BLOB NOT NULL, "
+            "deadline REAL NOT NULL, kind INTEGER NOT NULL, seen INTEGER NOT NULL)"
+        )
+        self._db.execute("CREATE INDEX IF NOT EXISTS records_seen ON records (kind, seen)")
+
+    async def get_records(self, names: list[str]) -> list[bytes | None]:
+        if not names:
+            return []
+        marks = ",".join("?" * len(names))
+        try:
+            rows = self._db.execute(
+                f"SELECT name, value FROM records WHERE name IN ({marks}) AND deadline > ?",
+                (*names, time.time()),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise RecordsUnavailable(str(exc)) from None
+        found = {name: bytes(value) for name, value in rows}
+        return [found.get(name) for name in names]
+
+    async def put_record(
+        self, name: str, value: bytes, ttl: float, *, only_new: bool = False
+    ) -> bool:
+        if ttl <= 0:
+            return False
+        now = time.time()
+        # Kind 0 is evicted first (idempotency), kind 1 last (ownership).
+        kind = 1 if name.startswith(OWNERSHIP) else 0
+        sql = (
+            "INSERT INTO records (name, value, deadline, kind, seen) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value, "
+            "deadline = excluded.deadline, seen = excluded.seen"
+        )
+        if only_new:  # an atomic claim: only over an absent or expired record
+            sql += " WHERE records.deadline <= ?"
+        params: tuple[object, ...] = (name, value, now + ttl, kind, time.time_ns())
+        try:
+            changed = self._db.execute(sql, (*params, now) if only_new else params).rowcount
+            self._writes += 1
+            if self._writes % TRIM_EVERY == 0:
+                self._trim(now)
+        except sqlite3.Error as exc:
+            raise RecordsUnavailable(str(exc)) from None
+        return bool(changed)
+
+    async def delete_record(self, name: str) -> None:
+        try:
+            self._db.execute("DELETE FROM records WHERE name = ?", (name,))
+        except sqlite3.Error as exc:
+            raise RecordsUnavailable(str(exc)) from None
+
+    def _trim(self, now: float) -> None:
+        db = self._db
+        db.execute("DELETE FROM records WHERE deadline <= ?", (now,))
+        for kind in (0, 1):
+            (size,) = db.execute("SELECT coalesce(sum(length(value)), 0) FROM records").fetchone()
+            excess = size - self.max_bytes
+            if excess <= 0:
+                return
+            # The oldest records of this kind whose values add up to the excess.
+            db.execute(
+                "DELETE FROM records WHERE name IN (SELECT name FROM (SELECT name, "
+                "sum(length(value)) OVER (ORDER BY seen ROWS UNBOUNDED PRECEDING) "
+                "- length(value) AS before FROM records WHERE kind = ?) WHERE before < ?)",
+                (kind, excess),
+            )
+
+    def size(self) -> int:
+        (size,) = self._db.execute("SELECT coalesce(sum(length(value)), 0) FROM records").fetchone()
+        return int(size)
 
     def close(self) -> None:
         self._db.close()

@@ -22,8 +22,7 @@ from typing import Any
 import orjson
 
 from . import metrics
-from .cache import CacheStore
-from .cache.base import IDEMPOTENCY, RecordsUnavailable
+from .cache.base import IDEMPOTENCY, RecordStore, RecordsUnavailable
 from .coalesce import SingleFlight
 from .errors import ProxyError
 from .exchange import Exchange, Reply
@@ -91,7 +90,7 @@ def replayed(reply: Reply) -> Reply:
 
 
 class Idempotency:
-    store: CacheStore  # set once the store is open
+    store: RecordStore  # set once the store is open
 
     def __init__(self, ttl: float, lease: float, secret: bytes) -> None:
         self.ttl = ttl

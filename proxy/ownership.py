@@ -16,8 +16,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from . import metrics
-from .cache import CacheStore
-from .cache.base import OWNERSHIP, RecordsUnavailable
+from .cache.base import OWNERSHIP, RecordStore, RecordsUnavailable
 from .errors import ProxyError, UnknownJob
 from .ids import IdRules, InvalidVideoId, VideoId, parse_decoded
 from .policy import tenant_fingerprint
@@ -34,7 +33,7 @@ def unavailable() -> ProxyError:
 
 
 class Ownership:
-    store: CacheStore  # set once the store is open
+    store: RecordStore  # set once the store is open
 
     def __init__(self, settings: Settings, secret: bytes, rules: IdRules) -> None:
         self.enforce = settings.enforce_job_ownership

@@ -6,6 +6,7 @@ import argparse
 import atexit
 import math
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -108,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.log_level, settings.log_format)
     if settings.workers > 1:
         enable_multiprocess_metrics()
+        if not settings.cache_key_secret:
+            # One per start, shared by this host's workers: tenant fingerprints (owners,
+            # idempotency scopes) must agree between them.
+            os.environ["PROXY_CACHE_KEY_SECRET"] = secrets.token_hex(32)
     if settings.metrics_port:
         # In the supervising process: one listener whatever the worker count, and
         # never the admin routes.

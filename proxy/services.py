@@ -22,7 +22,7 @@ from .cache import CacheStore, create_store
 from .coalesce import SingleFlight
 from .exchange import Reply
 from .follows import MemoryFollows, RedisFollows, Sealer
-from .hoststate import HostStatuses
+from .hoststate import HostRecords, HostStatuses
 from .hotpath import HitMemo
 from .idempotency import Idempotency
 from .ids import IdRules
@@ -94,10 +94,17 @@ class Services:
         self.cache = create_store(
             self.settings, self.clock, self.on_cache_error, metrics.CACHE_EVICTIONS.inc
         )
-        self.hot.cache = self.owners.store = self.idempotency.store = self.cache
-        swap = getattr(self.cache, "swap_status", None)
+        self.hot.cache = self.cache
+        # Several workers on the memory backend share job statuses and records through
+        # the host (SQLite in the multiprocess directory); Redis shares them itself.
         multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        host = HostStatuses(multiprocess_dir) if swap is None and multiprocess_dir else None
+        shared = self.cache.name == "redis" or not multiprocess_dir
+        host = None if shared else HostStatuses(multiprocess_dir or "")
+        records = (
+            None if shared else HostRecords(multiprocess_dir or "", self.settings.cache_max_bytes)
+        )
+        self.owners.store = self.idempotency.store = records or self.cache
+        swap = getattr(self.cache, "swap_status", None)
         self.tracker = StatusTracker(swap=swap or (host.swap if host else None))
         flusher = asyncio.ensure_future(self._flush_loop())
         listener = asyncio.ensure_future(self.cache.listen(self.watchers.stored))
@@ -116,6 +123,8 @@ class Services:
             await self.cache.aclose()
             if host is not None:
                 host.close()
+            if records is not None:
+                records.close()
 
     async def _flush_loop(self) -> None:
         ticks = 0

@@ -302,11 +302,6 @@ def validate(s: Settings) -> None:
     validate_webhooks(s)
     if s.ownership_header and not HEADER_NAME_RE.fullmatch(s.ownership_header):
         raise SettingsError(f"ownership_header: {s.ownership_header!r} is not a header name")
-    if s.job_ownership_strict and s.cache_backend == "memory" and s.workers > 1:
-        raise SettingsError(
-            "job_ownership_strict: needs cache_backend = redis with workers > 1 "
-            "(memory records are per worker: an owner's own job would be refused)"
-        )
     if s.cache_backend == "redis":
         if not s.cache_key_secret:
             raise SettingsError(

@@ -15,11 +15,12 @@ from prometheus_client import REGISTRY
 
 from proxy.cache.base import Entry
 from proxy.cache.memory import MemoryStore
+from proxy.hoststate import HostRecords
 from proxy.idempotency import Idempotency
 from proxy.policy import EntryKind
 from tests.conftest import ProxyURL, Upstream
 from tests.redis_server import redis_server
-from tests.servers import run_replicas
+from tests.servers import run_proxy, run_replicas
 from tests.test_proxy_core import ALICE, BOB, assert_envelope
 from tests.test_redis_cache import redis_env
 
@@ -277,3 +278,59 @@ def test_a_client_that_hangs_up_still_gets_one_create(proxy: ProxyURL, upstream:
     assert done.is_set()
     retry = post(proxy, "hangup")
     assert retry.status_code == 200 and creates(upstream) == 1
+
+
+# -- several workers on the memory backend: records shared through the host ---------------
+def test_two_workers_on_memory_share_keys(upstream: Upstream, tmp_path: Any) -> None:
+    env = {"PROXY_LOG_LEVEL": "warning"}
+    with run_proxy(upstream.url, "--workers", "2", env=env, tmp_path=tmp_path) as proc:
+        ids = {post(proc.url, "one-key").json()["id"] for _ in range(12)}  # fresh connections
+        assert len(ids) == 1 and creates(upstream) == 1
+        upstream.sim.state.faults.append({"delay": 1.0})
+        with ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(lambda _: post(proc.url, "burst"), range(10)))
+        assert len({r.json()["id"] for r in answers}) == 1 and creates(upstream) == 2
+
+
+def test_host_records_claim_once_across_processes(tmp_path: Any) -> None:
+    import multiprocessing
+
+    HostRecords(str(tmp_path), 1 << 20).close()
+    with multiprocessing.get_context("spawn").Pool(8) as pool:
+        claimed = pool.map(_claim, [str(tmp_path)] * 8)
+    assert sorted(claimed) == [False] * 7 + [True]
+
+
+def _claim(directory: str) -> bool:
+    import asyncio
+
+    store = HostRecords(directory, 1 << 20)
+    try:
+        return asyncio.run(store.put_record("idem:x", b"pending", 30, only_new=True))
+    finally:
+        store.close()
+
+
+def test_host_records_stay_bounded_and_keep_owners(tmp_path: Any) -> None:
+    import asyncio
+
+    store = HostRecords(str(tmp_path), max_bytes=200_000)
+
+    async def fill() -> None:
+        assert await store.put_record("own:v:openai", b"f" * 32, 3600)
+        for i in range(10_000):
+            assert await store.put_record(f"idem:{i}", b"b" * 100, 86400)
+        assert await store.get_records(["own:v:openai", "idem:9999", "idem:0"]) == [
+            b"f" * 32,
+            b"b" * 100,
+            None,
+        ]
+        # An expired claim can be claimed again; a live one cannot.
+        assert await store.put_record("idem:c", b"1", 0.05, only_new=True)
+        assert not await store.put_record("idem:c", b"2", 30, only_new=True)
+        await asyncio.sleep(0.1)
+        assert await store.put_record("idem:c", b"3", 30, only_new=True)
+
+    asyncio.run(fill())
+    assert store.size() <= 200_000 + 1000 * 100  # trimmed every 1000 writes
+    store.close()

@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 
 from tests.conftest import ProxyURL, Upstream
 from tests.redis_server import redis_server
-from tests.servers import run_replicas
+from tests.servers import run_proxy, run_replicas
 from tests.test_proxy_core import ALICE, BOB
 from tests.test_redis_cache import redis_env
 
@@ -175,3 +175,15 @@ def test_strict_mode_fails_closed_without_redis(shared: Upstream, tmp_path: Any)
             r = httpx.get(f"{a.url}/v1/videos/{vid}", headers=ALICE, timeout=10)
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
             assert "ownership cannot be checked" in r.json()["error"]["message"]
+
+
+def test_two_workers_on_memory_share_owners(shared: Upstream, tmp_path: Any) -> None:
+    env = {"PROXY_LOG_LEVEL": "warning", "PROXY_JOB_OWNERSHIP_STRICT": "true"}
+    with run_proxy(shared.url, "--workers", "2", env=env, tmp_path=tmp_path) as proc:
+        vid = create(proc.url)
+        calls = shared.calls
+        for _ in range(12):  # fresh connections: both workers answer some
+            assert httpx.get(f"{proc.url}/v1/videos/{vid}", headers=BOB).status_code == 404
+        assert shared.calls == calls
+        for _ in range(12):  # strict: the owner is known to every worker
+            assert httpx.get(f"{proc.url}/v1/videos/{vid}", headers=ALICE).status_code == 200

@@ -58,7 +58,24 @@ class Entry:
         )
 
 
-class CacheStore(Protocol):
+class RecordStore(Protocol):
+    """Small values that are not a cache (idempotency, job ownership). Unlike cache
+    reads, these raise RecordsUnavailable when the store cannot answer, so each caller
+    chooses to fail open or closed. Both cache stores are record stores too."""
+
+    async def get_records(self, names: list[str]) -> list[bytes | None]: ...
+
+    async def put_record(
+        self, name: str, value: bytes, ttl: float, *, only_new: bool = False
+    ) -> bool:
+        """Store a record for ``ttl`` seconds; with ``only_new``, only if absent
+        (an atomic claim). True if stored."""
+        ...
+
+    async def delete_record(self, name: str) -> None: ...
+
+
+class CacheStore(RecordStore, Protocol):
     """Both backends. Every method swallows its own backend failures: a broken cache
     behaves like an empty one, never like an error."""
 
@@ -98,17 +115,3 @@ class CacheStore(Protocol):
     async def refresh_stats(self) -> None:
         """Bring ``stats`` up to date (drop expired entries; recount a shared store)."""
         ...
-
-    # Records: small values that are not a cache (idempotency, job ownership). Unlike
-    # cache reads, these raise RecordsUnavailable when the store cannot answer, so
-    # each caller chooses to fail open or closed.
-    async def get_records(self, names: list[str]) -> list[bytes | None]: ...
-
-    async def put_record(
-        self, name: str, value: bytes, ttl: float, *, only_new: bool = False
-    ) -> bool:
-        """Store a record for ``ttl`` seconds; with ``only_new``, only if absent
-        (an atomic claim). True if stored."""
-        ...
-
-    async def delete_record(self, name: str) -> None: ...
