@@ -124,6 +124,15 @@ for _result in CACHE_RESULTS:  # so dashboards see zeros, not gaps
     CACHE_REQUESTS.labels(_result)
 for _kind in ("long_poll", "sse"):
     WAITERS.labels(_kind)
+for _prefix in ("/v1/videos", "/openai/v1/videos"):
+    for _tail in (
+        "",
+        "/{video_id}",
+        "/{video_id}/remix",
+        "/{video_id}/content",
+        "/{video_id}/events",
+    ):
+        OWNERSHIP_DENIED.labels(_prefix + _tail)
 
 
 def registry() -> CollectorRegistry:
