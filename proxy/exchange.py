@@ -12,7 +12,6 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import headers as hdr
 from .cache import Entry
 from .errors import ProxyError
 
@@ -50,9 +49,17 @@ class Exchange:
     provider: str = ""
     upstream_ms: float | None = None
     response_started: bool = False
+    _index: dict[bytes, bytes] | None = None
 
     def header(self, name: bytes) -> bytes | None:
-        return hdr.get(self.headers, name)
+        """The first value of a header (``name`` lower-case); indexed on first use,
+        as a request asks for several."""
+        index = self._index
+        if index is None:
+            index = self._index = {}
+            for key, value in self.headers:
+                index.setdefault(key.lower(), value)
+        return index.get(name)
 
 
 def exchange_of(request: Request) -> Exchange:

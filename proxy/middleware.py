@@ -66,11 +66,13 @@ class ObserveMiddleware:
 
     def observe(self, ex: Exchange) -> None:
         elapsed = time.perf_counter() - ex.started
-        metrics.REQUESTS.labels(ex.route, ex.method, str(ex.status)).inc()
+        metrics.child(metrics.REQUESTS, ex.route, ex.method, str(ex.status)).inc()
         cache = ex.cache.lower()
-        metrics.REQUEST_DURATION.labels(ex.route, ex.method, cache or "none").observe(elapsed)
+        metrics.child(metrics.REQUEST_DURATION, ex.route, ex.method, cache or "none").observe(
+            elapsed
+        )
         if cache:
-            metrics.CACHE_REQUESTS.labels(cache).inc()
+            metrics.child(metrics.CACHE_REQUESTS, cache).inc()
             if cache in ("hit", "coalesced"):
                 metrics.CALLS_SAVED.inc()
         if self.services.log_access:

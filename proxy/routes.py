@@ -8,6 +8,7 @@ video route past validation as pass-through.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import unquote
@@ -15,6 +16,7 @@ from urllib.parse import unquote
 from .errors import ProxyError
 
 _MAX_DECODE_ROUNDS = 8
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 class Kind(StrEnum):
@@ -87,7 +89,7 @@ def classify(method: str, raw_path: str) -> Route:
     decoded = fully_decode(raw_path)
     if any(seg in (".", "..") for seg in decoded.split("/")):
         raise ProxyError(400, "request path must not contain dot-segments")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+    if _CONTROL.search(decoded):
         raise ProxyError(400, "request path must not contain control characters")
 
     raw_segments = raw_path.split("/")[1:]

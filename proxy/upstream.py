@@ -219,8 +219,8 @@ class Upstream:
                 await response.aclose()
                 metrics.UPSTREAM_ERRORS.labels(call.route, "protocol").inc()
                 raise ProxyError(502, "upstream answered with an invalid status code")
-            metrics.UPSTREAM_DURATION.labels(
-                call.route, call.method, str(response.status_code)
+            metrics.child(
+                metrics.UPSTREAM_DURATION, call.route, call.method, str(response.status_code)
             ).observe(time.perf_counter() - started)
             return response
         raise AssertionError("unreachable")  # pragma: no cover
