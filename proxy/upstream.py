@@ -159,6 +159,13 @@ class Upstream:
         connect = settings.upstream_connect_timeout_seconds
         self._json_timeouts = (settings.upstream_timeout_seconds, connect, None)
         self._stream_timeouts = (None, connect, settings.content_timeout_seconds)
+        # Built once: aiohttp's timeout objects are immutable.
+        self._aiohttp_timeouts = {
+            streaming: aiohttp.ClientTimeout(total=total, sock_connect=conn, sock_read=read)
+            for streaming, (total, conn, read) in (
+                (False, self._json_timeouts), (True, self._stream_timeouts)
+            )
+        }  # fmt: skip
 
     async def aclose(self) -> None:
         if self._use_httpx:
@@ -194,7 +201,7 @@ class Upstream:
             headers=headers,
             data=call.content,
             allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(total=total, sock_connect=connect, sock_read=read),
+            timeout=self._aiohttp_timeouts[call.streaming],
         )
         return _AiohttpResponse(response)
 
