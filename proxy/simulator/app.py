@@ -138,6 +138,23 @@ def _new_native(provider: str) -> str:
     return f"video_{token}"
 
 
+def parse_id(raw: str) -> tuple[str, str] | Response:
+    """A path segment as Bifrost parses it: (native id, provider), or its 400."""
+    try:
+        once = unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        return _error(400, "invalid video_id encoding")
+    if "%" in raw and any(
+        len(p) < 2 or not all(c in "0123456789abcdefABCDEF" for c in p[:2])
+        for p in raw.split("%")[1:]
+    ):
+        return _error(400, "invalid video_id encoding")
+    native, sep, provider = once.partition(":")
+    if not sep or not native or not provider:
+        return _error(400, "video_id must be in id:provider format")
+    return unquote(native), provider
+
+
 class Simulator:
     def __init__(self, config: SimulatorConfig | None = None):
         self.state = SimState(config or SimulatorConfig())
@@ -189,27 +206,11 @@ class Simulator:
         }
         return obj
 
-    # -- parsing like Bifrost ---------------------------------------------------------
-    def parse_id(self, raw: str) -> tuple[str, str] | Response:
-        try:
-            once = unquote(raw, errors="strict")
-        except UnicodeDecodeError:
-            return _error(400, "invalid video_id encoding")
-        if "%" in raw and any(
-            len(p) < 2 or not all(c in "0123456789abcdefABCDEF" for c in p[:2])
-            for p in raw.split("%")[1:]
-        ):
-            return _error(400, "invalid video_id encoding")
-        native, sep, provider = once.partition(":")
-        if not sep or not native or not provider:
-            return _error(400, "video_id must be in id:provider format")
-        return unquote(native), provider
-
     def visible(self, job: Job, owner: str) -> bool:
         return self.state.config.shared_account or job.owner == owner
 
     def find(self, request: Request, raw: str) -> Job | Response:
-        parsed = self.parse_id(raw)
+        parsed = parse_id(raw)
         if isinstance(parsed, Response):
             return parsed
         job = self.state.jobs.get(parsed)
