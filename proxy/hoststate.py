@@ -24,15 +24,19 @@ FILE_NAME = "statuses.sqlite"  # not *.db: prometheus-client reads those as metr
 TRIM_EVERY = 1000
 
 
+def connect(directory: str) -> sqlite3.Connection:
+    """The host's database. Autocommit mode: transactions are begun explicitly."""
+    db = sqlite3.connect(os.path.join(directory, FILE_NAME), timeout=5.0, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+    db.execute("PRAGMA synchronous=OFF")  # a host's scratch state, gone at exit anyway
+    return db
+
+
 class HostStatuses:
     def __init__(self, directory: str, max_rows: int = 100_000) -> None:
-        self.path = os.path.join(directory, FILE_NAME)
         self.max_rows = max_rows
         self._writes = 0
-        # Autocommit mode: transactions are begun explicitly (BEGIN IMMEDIATE).
-        self._db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=OFF")  # a host's scratch state, not a record
+        self._db = connect(directory)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS statuses "
             "(id TEXT PRIMARY KEY, status TEXT NOT NULL, seen INTEGER NOT NULL)"
@@ -96,11 +100,7 @@ class HostRecords:
     def __init__(self, directory: str, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._writes = 0
-        self._db = sqlite3.connect(
-            os.path.join(directory, FILE_NAME), timeout=5.0, isolation_level=None
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=OFF")
+        self._db = connect(directory)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS records (name TEXT PRIMARY KEY, value BLOB NOT NULL, "
             "deadline REAL NOT NULL, kind INTEGER NOT NULL, seen INTEGER NOT NULL)"

@@ -15,15 +15,17 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from cachetools import LRUCache
+
 from . import metrics
 from .cache.base import OWNERSHIP, RecordStore, RecordsUnavailable
 from .errors import ProxyError, UnknownJob
 from .ids import IdRules, InvalidVideoId, VideoId, parse_decoded
 from .policy import tenant_fingerprint
-from .rewrite import parse_json_object
 from .settings import Settings
 
 log = logging.getLogger("proxy.ownership")
+CONFIRMED_MAX = 100_000  # (job, owner) pairs whose record this process has seen
 
 
 def unavailable() -> ProxyError:
@@ -42,15 +44,15 @@ class Ownership:
         self.ttl = settings.max_ttl_seconds
         self.secret = secret
         self.rules = rules
+        self._confirmed: LRUCache[tuple[str, str], bool] = LRUCache(CONFIRMED_MAX)
 
     def principal(self, headers: Iterable[tuple[bytes, bytes]]) -> str:
         """Who is asking: the credentials' fingerprint (and the ownership header)."""
         return tenant_fingerprint(headers, self.secret, self.header)
 
-    async def record(self, answer: bytes, principal: str) -> None:
-        """Record the creator of the job a create or remix answered with."""
-        doc = parse_json_object(answer)
-        job_id = doc.get("id") if doc is not None else None
+    async def record(self, answer: dict[str, Any] | None, principal: str) -> None:
+        """Record the creator of the job a create or remix answered with (its JSON)."""
+        job_id = answer.get("id") if answer is not None else None
         if not isinstance(job_id, str):
             return
         try:
@@ -78,6 +80,8 @@ class Ownership:
         """Raise the unknown-job 404 unless ``principal`` may address this job."""
         if not self.enforce:
             return
+        if (video.canonical, principal) in self._confirmed:
+            return
         try:
             [owner] = await self.store.get_records([OWNERSHIP + video.canonical])
         except RecordsUnavailable:
@@ -85,6 +89,9 @@ class Ownership:
         if not self._allowed(owner, principal):
             metrics.OWNERSHIP_DENIED.labels(route).inc()
             raise UnknownJob(video.upstream_segment)
+        if owner is not None:
+            # A job's owner never changes: the owner's next polls need no lookup.
+            self._confirmed[video.canonical, principal] = True
 
     async def visible(self, items: Sequence[Any], principal: str, route: str) -> list[bool]:
         """For each list item, whether ``principal`` may see it."""

@@ -187,3 +187,23 @@ def test_two_workers_on_memory_share_owners(shared: Upstream, tmp_path: Any) -> 
         assert shared.calls == calls
         for _ in range(12):  # strict: the owner is known to every worker
             assert httpx.get(f"{proc.url}/v1/videos/{vid}", headers=ALICE).status_code == 200
+
+
+def test_an_owners_polls_look_the_owner_up_once(make_proxy: Any, shared: Upstream) -> None:
+    base = make_proxy(poll_coalesce_seconds=0)  # every poll a miss
+    store = base.app.owners.store
+    lookups: list[list[str]] = []
+    original = store.get_records
+
+    async def counted(names: list[str]) -> list[bytes | None]:
+        lookups.append(names)
+        return await original(names)
+
+    store.get_records = counted  # type: ignore[method-assign]
+    vid = create(base)
+    for _ in range(5):
+        assert httpx.get(f"{base}/v1/videos/{vid}", headers=ALICE).status_code == 200
+    assert len(lookups) == 1  # a job's owner never changes: confirmed once
+    for _ in range(2):
+        assert httpx.get(f"{base}/v1/videos/{vid}", headers=BOB).status_code == 404
+    assert len(lookups) == 3  # refusals are never memoised

@@ -74,11 +74,11 @@ async def _create_or_remix(request: Request, *, remix: bool) -> Response:
     query = request.scope.get("query_string", b"")
 
     async def upstream() -> Reply:
-        reply, _ = await call_json(
+        reply, answer = await call_json(
             services, ex, path, provider, query=query, body=body, drop=replace, extra=extra
         )
         if 200 <= reply.status < 300:  # before any replay can hand the id out
-            await services.owners.record(reply.body, principal)
+            await services.owners.record(answer, principal)
         return reply
 
     if idempotency_key is None:
