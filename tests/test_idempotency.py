@@ -334,3 +334,37 @@ def test_host_records_stay_bounded_and_keep_owners(tmp_path: Any) -> None:
     asyncio.run(fill())
     assert store.size() <= 200_000 + 1000 * 100  # trimmed every 1000 writes
     store.close()
+
+
+def test_a_duplicate_gives_up_with_409_when_the_first_never_ends() -> None:
+    """Another replica's pending record outlives the lease: 409, not a second create."""
+    import asyncio
+
+    from proxy.errors import ProxyError
+    from proxy.idempotency import _dumps
+
+    async def scenario() -> None:
+        store = MemoryStore(1 << 20, time.time)
+        idem = Idempotency(86400, lease=0.1, secret=b"s")
+        idem.store = store
+        name = idem.record_name("tenant", "k")
+        await store.put_record(name, _dumps("same-hash", None), 30)  # held elsewhere
+        calls: list[int] = []
+
+        async def create() -> Any:
+            calls.append(1)
+            raise AssertionError("must not be called")
+
+        with pytest.raises(ProxyError) as caught:
+            await idem.run("tenant", "k", "same-hash", create)
+        assert caught.value.status == 409 and calls == []
+
+    asyncio.run(scenario())
+
+
+def test_creates_are_served_while_redis_is_down(upstream: Upstream, tmp_path: Any) -> None:
+    with redis_server() as redis, run_replicas(upstream.url, redis_env(redis), tmp_path) as (a, _):
+        assert post(a.url, "before").status_code == 200
+        redis.stop()
+        r = post(a.url, "during")  # not deduplicated across replicas now, but served
+        assert r.status_code == 200 and r.json()["id"].endswith(":openai")
