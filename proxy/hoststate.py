@@ -24,11 +24,14 @@ FILE_NAME = "statuses.sqlite"  # not *.db: prometheus-client reads those as metr
 TRIM_EVERY = 1000
 
 
-def connect(directory: str) -> sqlite3.Connection:
-    """The host's database. Autocommit mode: transactions are begun explicitly."""
+def connect(directory: str, *schema: str) -> sqlite3.Connection:
+    """The host's database, with ``schema`` applied. Autocommit mode: transactions are
+    begun explicitly."""
     db = sqlite3.connect(os.path.join(directory, FILE_NAME), timeout=5.0, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
     db.execute("PRAGMA synchronous=OFF")  # a host's scratch state, gone at exit anyway
+    for statement in schema:
+        db.execute(statement)
     return db
 
 
@@ -36,12 +39,12 @@ class HostStatuses:
     def __init__(self, directory: str, max_rows: int = 100_000) -> None:
         self.max_rows = max_rows
         self._writes = 0
-        self._db = connect(directory)
-        self._db.execute(
+        self._db = connect(
+            directory,
             "CREATE TABLE IF NOT EXISTS statuses "
-            "(id TEXT PRIMARY KEY, status TEXT NOT NULL, seen INTEGER NOT NULL)"
+            "(id TEXT PRIMARY KEY, status TEXT NOT NULL, seen INTEGER NOT NULL)",
+            "CREATE INDEX IF NOT EXISTS statuses_seen ON statuses (seen)",
         )
-        self._db.execute("CREATE INDEX IF NOT EXISTS statuses_seen ON statuses (seen)")
 
     async def swap(self, video_id: str, status: str) -> str | None:
         """Record a job's status; the previous one any worker of this host recorded.
@@ -100,12 +103,12 @@ class HostRecords:
     def __init__(self, directory: str, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._writes = 0
-        self._db = connect(directory)
-        self._db.execute(
+        self._db = connect(
+            directory,
             "CREATE TABLE IF NOT EXISTS records (name TEXT PRIMARY KEY, value BLOB NOT NULL, "
-            "deadline REAL NOT NULL, kind INTEGER NOT NULL, seen INTEGER NOT NULL)"
+            "deadline REAL NOT NULL, kind INTEGER NOT NULL, seen INTEGER NOT NULL)",
+            "CREATE INDEX IF NOT EXISTS records_seen ON records (kind, seen)",
         )
-        self._db.execute("CREATE INDEX IF NOT EXISTS records_seen ON records (kind, seen)")
 
     async def get_records(self, names: list[str]) -> list[bytes | None]:
         if not names:
