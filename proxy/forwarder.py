@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import headers as hdr
+from .decoy import ForeignJob
 from .errors import ProxyError
 from .exchange import Exchange, Reply
 from .ids import InvalidVideoId, VideoId, parse_segment
@@ -85,6 +87,28 @@ async def call_json(
     if doc is not None and 200 <= response.status_code < 300:
         await track_statuses(services, doc)
     return Reply(response.status_code, answer_headers(response), out), doc
+
+
+async def decoy_call(
+    services: Services,
+    ex: Exchange,
+    foreign: ForeignJob,
+    path_of: Callable[[VideoId], str],
+    *,
+    query: bytes,
+    body: bytes | None = None,
+    retry: bool = False,
+) -> Reply:
+    """Another tenant's job: the upstream's answer for a decoy of it (see ``decoy``),
+    or, when no decoy can be made, the proxy's own not-found answer."""
+    decoy = foreign.decoy
+    if decoy is None:
+        raise foreign
+    reply, _ = await call_json(
+        services, ex, path_of(decoy.video), decoy.video.provider, query=query, body=body,
+        retry=retry,
+    )  # fmt: skip
+    return decoy.reply(reply)
 
 
 def fix_answer(

@@ -17,11 +17,13 @@ import os
 import sqlite3
 import time
 
-from .cache.base import OWNERSHIP, RecordsUnavailable
+from .cache.base import DELETED, OWNERSHIP, RecordsFull, RecordsUnavailable, record_tenant
 
 log = logging.getLogger("proxy.hoststate")
 FILE_NAME = "statuses.sqlite"  # not *.db: prometheus-client reads those as metric files
 TRIM_EVERY = 1000
+KIND_IDEMPOTENCY, KIND_OWNERSHIP, KIND_DELETED = 0, 1, 2
+TOMBSTONE_BYTES = 1024 * 1024
 
 
 def connect(directory: str, *schema: str) -> sqlite3.Connection:
@@ -93,21 +95,33 @@ class HostStatuses:
 
 
 class HostRecords:
-    """Idempotency and ownership records shared by the workers of one host (the memory
-    backend's records when ``--workers`` > 1), in the same SQLite file.
+    """Idempotency, ownership and tombstone records shared by the workers of one host
+    (the memory backend's records when ``--workers`` > 1), in the same SQLite file.
 
-    Bounded like the memory store: past ``max_bytes`` of values, expired records go
-    first, then idempotency records (least recently written), then ownership records.
+    Budgeted like the memory store: idempotency records are never evicted before they
+    expire (a claim that does not fit, or passes its tenant's share, raises
+    RecordsFull); ownership and tombstone records are trimmed, least recently written
+    first, past their own budget.
     """
 
-    def __init__(self, directory: str, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
+    def __init__(
+        self,
+        directory: str,
+        idempotency_max_bytes: int,
+        ownership_max_bytes: int = 32 * 1024 * 1024,
+        tenant_share: float = 0.25,
+    ) -> None:
+        self.idempotency_max = idempotency_max_bytes
+        self.tenant_max = int(idempotency_max_bytes * tenant_share)
+        self.ownership_max = ownership_max_bytes
         self._writes = 0
         self._db = connect(
             directory,
             "CREATE TABLE IF NOT EXISTS records (name TEXT PRIMARY KEY, value BLOB NOT NULL, "
-            "deadline REAL NOT NULL, kind INTEGER NOT NULL, seen INTEGER NOT NULL)",
+            "deadline REAL NOT NULL, kind INTEGER NOT NULL, seen INTEGER NOT NULL, "
+            "tenant TEXT NOT NULL DEFAULT '')",
             "CREATE INDEX IF NOT EXISTS records_seen ON records (kind, seen)",
+            "CREATE INDEX IF NOT EXISTS records_tenant ON records (kind, tenant)",
         )
 
     async def get_records(self, names: list[str]) -> list[bytes | None]:
@@ -130,24 +144,54 @@ class HostRecords:
         if ttl <= 0:
             return False
         now = time.time()
-        # Kind 0 is evicted first (idempotency), kind 1 last (ownership).
-        kind = 1 if name.startswith(OWNERSHIP) else 0
+        kind = KIND_IDEMPOTENCY
+        if name.startswith(OWNERSHIP):
+            kind = KIND_OWNERSHIP
+        elif name.startswith(DELETED):
+            kind = KIND_DELETED
+        tenant = record_tenant(name) if kind == KIND_IDEMPOTENCY else ""
         sql = (
-            "INSERT INTO records (name, value, deadline, kind, seen) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (name) DO UPDATE SET value = excluded.value, "
+            "INSERT INTO records (name, value, deadline, kind, seen, tenant) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value, "
             "deadline = excluded.deadline, seen = excluded.seen"
         )
         if only_new:  # an atomic claim: only over an absent or expired record
             sql += " WHERE records.deadline <= ?"
-        params: tuple[object, ...] = (name, value, now + ttl, kind, time.time_ns())
+        params: tuple[object, ...] = (name, value, now + ttl, kind, time.time_ns(), tenant)
+        db = self._db
         try:
-            changed = self._db.execute(sql, (*params, now) if only_new else params).rowcount
-            self._writes += 1
-            if self._writes % TRIM_EVERY == 0:
-                self._trim(now)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if only_new and kind == KIND_IDEMPOTENCY:
+                    self._admit(tenant, len(value), now)
+                changed = db.execute(sql, (*params, now) if only_new else params).rowcount
+                self._writes += 1
+                if self._writes % TRIM_EVERY == 0:
+                    self._trim(now)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
         except sqlite3.Error as exc:
             raise RecordsUnavailable(str(exc)) from None
         return bool(changed)
+
+    def _admit(self, tenant: str, size: int, now: float) -> None:
+        """A new idempotency claim must fit without evicting a live record."""
+        db = self._db
+        (total,) = db.execute(
+            "SELECT coalesce(sum(length(value)), 0) FROM records WHERE kind = 0 AND deadline > ?",
+            (now,),
+        ).fetchone()
+        if total + size > self.idempotency_max:
+            raise RecordsFull("the idempotency record store is full")
+        (mine,) = db.execute(
+            "SELECT coalesce(sum(length(value)), 0) FROM records "
+            "WHERE kind = 0 AND tenant = ? AND deadline > ?",
+            (tenant, now),
+        ).fetchone()
+        if mine + size > self.tenant_max:
+            raise RecordsFull("this tenant's share of idempotency records is used up")
 
     async def delete_record(self, name: str) -> None:
         try:
@@ -158,16 +202,23 @@ class HostRecords:
     def _trim(self, now: float) -> None:
         db = self._db
         db.execute("DELETE FROM records WHERE deadline <= ?", (now,))
-        for kind in (0, 1):
-            (size,) = db.execute("SELECT coalesce(sum(length(value)), 0) FROM records").fetchone()
-            excess = size - self.max_bytes
-            if excess <= 0:
-                return
-            # The oldest records of this kind whose values add up to the excess.
+        for kind, budget in ((KIND_OWNERSHIP, self.ownership_max), (KIND_DELETED, TOMBSTONE_BYTES)):
+            self._trim_kind(kind, budget)
+
+    def _trim_kind(self, kind: int, budget: int) -> None:
+        db = self._db
+        (size,) = db.execute(
+            "SELECT coalesce(sum(length(value) + length(name)), 0) FROM records WHERE kind = ?",
+            (kind,),
+        ).fetchone()
+        excess = size - budget
+        if excess > 0:
+            # The oldest records of this kind whose sizes add up to the excess.
             db.execute(
                 "DELETE FROM records WHERE name IN (SELECT name FROM (SELECT name, "
-                "sum(length(value)) OVER (ORDER BY seen ROWS UNBOUNDED PRECEDING) "
-                "- length(value) AS before FROM records WHERE kind = ?) WHERE before < ?)",
+                "sum(length(value) + length(name)) OVER (ORDER BY seen ROWS UNBOUNDED "
+                "PRECEDING) - length(value) - length(name) AS before FROM records "
+                "WHERE kind = ?) WHERE before < ?)",
                 (kind, excess),
             )
 

@@ -12,16 +12,19 @@ store that cannot answer is treated the same way (strict mode: 503, fail closed)
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from cachetools import LRUCache
 
 from . import metrics
-from .cache.base import OWNERSHIP, RecordStore, RecordsUnavailable
-from .errors import ProxyError, UnknownJob
+from .cache.base import OWNERSHIP, RecordsFull, RecordStore, RecordsUnavailable
+from .decoy import ForeignJob
+from .errors import ProxyError
 from .ids import IdRules, InvalidVideoId, VideoId, parse_decoded
 from .policy import tenant_fingerprint
+from .records import Backlog
 from .settings import Settings
 
 log = logging.getLogger("proxy.ownership")
@@ -45,6 +48,9 @@ class Ownership:
         self.secret = secret
         self.rules = rules
         self._confirmed: LRUCache[tuple[str, str], bool] = LRUCache(CONFIRMED_MAX)
+        # Owners the store could not take (Redis down): known here, written later.
+        self.backlog = Backlog()
+        self.clock = time.time
 
     def principal(self, headers: Iterable[tuple[bytes, bytes]]) -> str:
         """Who is asking: the credentials' fingerprint (and the ownership header)."""
@@ -56,13 +62,20 @@ class Ownership:
         if not isinstance(job_id, str):
             return
         try:
-            canonical = parse_decoded(job_id, self.rules).canonical
-            await self.store.put_record(OWNERSHIP + canonical, principal.encode(), self.ttl)
+            name = OWNERSHIP + parse_decoded(job_id, self.rules).canonical
         except InvalidVideoId:
             return
-        except RecordsUnavailable:
+        try:
+            await self.store.put_record(name, principal.encode(), self.ttl)
+        except (RecordsUnavailable, RecordsFull):
             metrics.OWNERSHIP_UNRECORDED.inc()
-            log.warning("job ownership could not be recorded: the job is unowned")
+            self.backlog.add(name, principal.encode(), self.clock() + self.ttl)
+            log.warning("job ownership not recorded yet: held here until the store answers")
+
+    async def flush_backlog(self) -> None:
+        """Record the owners held while the store was down (periodically)."""
+        if len(self.backlog):
+            await self.backlog.flush(self.store, self.clock)
 
     def _unknown(self) -> bytes | None:
         """The store cannot answer: as for a job without a record (it passes, as the
@@ -77,18 +90,22 @@ class Ownership:
         return owner == principal.encode()
 
     async def check(self, video: VideoId, principal: str, route: str) -> None:
-        """Raise the unknown-job 404 unless ``principal`` may address this job."""
+        """Raise ForeignJob (an unknown-job 404) unless ``principal`` may address this
+        job; callers that can, answer it with a decoy (see ``decoy``)."""
         if not self.enforce:
             return
         if (video.canonical, principal) in self._confirmed:
             return
-        try:
-            [owner] = await self.store.get_records([OWNERSHIP + video.canonical])
-        except RecordsUnavailable:
-            owner = self._unknown()
+        name = OWNERSHIP + video.canonical
+        owner = self.backlog.get(name, self.clock())
+        if owner is None:
+            try:
+                [owner] = await self.store.get_records([name])
+            except RecordsUnavailable:
+                owner = self._unknown()
         if not self._allowed(owner, principal):
             metrics.OWNERSHIP_DENIED.labels(route).inc()
-            raise UnknownJob(video.upstream_segment)
+            raise ForeignJob(video)
         if owner is not None:
             # A job's owner never changes: the owner's next polls need no lookup.
             self._confirmed[video.canonical, principal] = True
@@ -110,6 +127,11 @@ class Ownership:
             owners = await self.store.get_records([n for n in names if n is not None])
         except RecordsUnavailable:
             owners = [self._unknown() for n in names if n is not None]
+        now = self.clock()
+        owners = [
+            self.backlog.get(n, now) or owner
+            for n, owner in zip((n for n in names if n is not None), owners, strict=True)
+        ]
         found = iter(owners)
         shown = [self._allowed(next(found) if n else None, principal) for n in names]
         denied = shown.count(False)

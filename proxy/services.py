@@ -18,7 +18,7 @@ import httpx
 
 from . import logs, metrics
 from .bodies import BodyLimits
-from .cache import CacheStore, create_store
+from .cache import CacheStore, MemoryStore, create_store
 from .coalesce import SingleFlight
 from .exchange import Reply
 from .follows import MemoryFollows, RedisFollows, Sealer
@@ -70,13 +70,25 @@ class Services:
         self.owners = Ownership(settings, self.secret, self.rules)
         # A pending create holds its key a little longer than the upstream may take.
         self.idempotency = Idempotency(
-            settings.idempotency_ttl_seconds, settings.upstream_timeout_seconds + 5, self.secret
+            settings.idempotency_ttl_seconds,
+            settings.upstream_timeout_seconds + 5,
+            self.secret,
+            MemoryStore(  # this process's records (see Idempotency)
+                0,
+                clock,
+                idempotency_max_bytes=settings.idempotency_max_bytes,
+                tenant_share=settings.idempotency_tenant_share,
+            ),
+            clock,
         )
         self.flights: SingleFlight[Reply] = SingleFlight()
         self.tracker = StatusTracker()
         self.hot = HitMemo(clock, self.owners.header)
         # Waiting clients (long-poll, SSE) share one watcher per job and tenant.
-        self.watchers = Watchers(settings.poll_coalesce_seconds or 1.0, settings.max_waiters, clock)
+        self.watchers = Watchers(
+            settings.poll_coalesce_seconds or 1.0, settings.max_waiters, clock,
+            settings.max_waiters_per_tenant,
+        )  # fmt: skip
         self.stale = StaleSnapshots(settings.stale_if_error_seconds)
         self.webhooks = Webhooks(settings)
         # Access lines are buffered and written in batches (every FLUSH_SECONDS and at
@@ -101,9 +113,19 @@ class Services:
         shared = self.cache.name == "redis" or not multiprocess_dir
         host = None if shared else HostStatuses(multiprocess_dir or "")
         records = (
-            None if shared else HostRecords(multiprocess_dir or "", self.settings.cache_max_bytes)
+            None
+            if shared
+            else HostRecords(
+                multiprocess_dir or "",
+                self.settings.idempotency_max_bytes,
+                self.settings.ownership_max_bytes,
+                self.settings.idempotency_tenant_share,
+            )
         )
         self.owners.store = self.idempotency.store = records or self.cache
+        self.stale.records = self.owners.store
+        if isinstance(self.owners.store, MemoryStore):  # one process: no second copy
+            self.idempotency.local = self.owners.store
         swap = getattr(self.cache, "swap_status", None)
         self.tracker = StatusTracker(swap=swap or (host.swap if host else None))
         flusher = asyncio.ensure_future(self._flush_loop())
@@ -131,6 +153,11 @@ class Services:
         while True:
             await asyncio.sleep(FLUSH_SECONDS)
             self.flush()
+            try:  # records held while the shared store was down
+                await self.owners.flush_backlog()
+                await self.idempotency.flush_backlog()
+            except Exception:
+                log.exception("writing held records failed")
             ticks += 1
             if ticks % STATS_EVERY_TICKS == 0:
                 await self.refresh_cache_stats()

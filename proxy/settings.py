@@ -62,7 +62,9 @@ class Settings:
     cache_max_entry_bytes: int = 1 * MiB
     max_wait_seconds: float = 60.0
     max_waiters: int = 10000
+    max_waiters_per_tenant: int = 2500
     sse_keepalive_seconds: float = 15.0
+    sse_send_timeout_seconds: float = 60.0
     stale_if_error_seconds: float = 60.0
     webhook_url: str = ""
     webhook_secret: str = ""
@@ -74,6 +76,9 @@ class Settings:
     # name -> {url, secrets (or secret), events (optional)}; config file (or JSON in env)
     webhook_endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
     idempotency_ttl_seconds: float = 24 * 3600.0
+    idempotency_max_bytes: int = 64 * MiB
+    idempotency_tenant_share: float = 0.25
+    ownership_max_bytes: int = 32 * MiB
     enforce_job_ownership: bool = True
     job_ownership_strict: bool = False
     ownership_header: str = ""
@@ -131,7 +136,9 @@ HELP: dict[str, str] = {
     "cache_max_entry_bytes": "Largest answer that is cached; larger ones pass unstored.",
     "max_wait_seconds": "Longest long-poll wait (Prefer: wait=N is capped to it).",
     "max_waiters": "Most clients waiting at once; past it a long-poll is a plain poll.",
+    "max_waiters_per_tenant": "Most waiting clients one tenant may hold (of max_waiters).",
     "sse_keepalive_seconds": "Interval of keepalive comments on SSE status streams.",
+    "sse_send_timeout_seconds": "An SSE stream whose reader takes no data this long is closed.",
     "stale_if_error_seconds": "Upstream failing: serve a running job's snapshot this old; 0: off.",
     "webhook_url": "Endpoint 'default' for job webhooks (X-Proxy-Webhook: default); empty: off.",
     "webhook_secret": "Signing secret of the default endpoint (whsec_…, Standard Webhooks).",
@@ -142,6 +149,9 @@ HELP: dict[str, str] = {
     "webhook_all_jobs": "Follow every job created through the proxy with endpoint 'default'.",
     "webhook_endpoints": "More endpoints by name: {url, secrets = [whsec_…], events = […]}.",
     "idempotency_ttl_seconds": "How long a create's answer is replayed for its Idempotency-Key.",
+    "idempotency_max_bytes": "Memory/host store: bytes of idempotency records (never evicted).",
+    "idempotency_tenant_share": "Largest share of idempotency_max_bytes one tenant may hold.",
+    "ownership_max_bytes": "Memory/host store: bytes of job-ownership records (LRU beyond).",
     "enforce_job_ownership": "Only the tenant that created a job may address it; others get 404.",
     "job_ownership_strict": "Also refuse jobs the proxy has no owner record of (404).",
     "ownership_header": "A header that is part of the owner (e.g. x-end-user-id); empty: off.",
@@ -276,7 +286,8 @@ def validate(s: Settings) -> None:
         "client_body_timeout_seconds", "client_header_timeout_seconds",
         "max_header_bytes", "keepalive_timeout_seconds", "max_wait_seconds", "max_waiters",
         "sse_keepalive_seconds", "webhook_poll_seconds", "webhook_follow_max_seconds",
-        "webhook_timeout_seconds", "idempotency_ttl_seconds",
+        "webhook_timeout_seconds", "idempotency_ttl_seconds", "idempotency_max_bytes",
+        "ownership_max_bytes", "max_waiters_per_tenant", "sse_send_timeout_seconds",
         "max_request_bytes", "max_id_length", "cache_max_bytes",
         "cache_max_entry_bytes", "upstream_max_connections",
     )  # fmt: skip
@@ -289,6 +300,10 @@ def validate(s: Settings) -> None:
     ):  # fmt: skip
         if getattr(s, name) < 0:
             raise SettingsError(f"{name}: must be >= 0, got {getattr(s, name)}")
+    if not 0 < s.idempotency_tenant_share <= 1:
+        raise SettingsError(
+            f"idempotency_tenant_share: must be in (0, 1], got {s.idempotency_tenant_share}"
+        )
     if not s.allowed_providers:
         raise SettingsError('allowed_providers: must not be empty (use ["*"] for any)')
     for p in s.allowed_providers:

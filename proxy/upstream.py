@@ -41,6 +41,11 @@ class UpstreamCall:
     route: str = "other"  # metric label: the route template
 
 
+class UpstreamUnreachable(ProxyError):
+    """No connection to the upstream could be made: the request was never sent (so a
+    create certainly did not happen, unlike after a timeout)."""
+
+
 class StreamBroken(Exception):
     """The upstream answer broke off after it had started (kind: a metric label)."""
 
@@ -279,5 +284,5 @@ def map_error(kind: str, exc: BaseException) -> ProxyError:
     if kind == "timeout":
         return ProxyError(504, f"upstream timed out ({type(exc).__name__})")
     if kind == "connect":
-        return ProxyError(502, "upstream unreachable: could not connect to Bifrost")
+        return UpstreamUnreachable(502, "upstream unreachable: could not connect to Bifrost")
     return ProxyError(502, f"upstream protocol error: {type(exc).__name__}")

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,6 +28,11 @@ from .transitions import provider_label
 
 log = logging.getLogger("proxy.watch")
 Poll = Callable[[], Awaitable[Reply]]
+
+
+def tenant_of(key: str) -> str:
+    """The tenant fingerprint of a cache key (``family|id|fingerprint[?query]``)."""
+    return key.rpartition("|")[2].partition("?")[0]
 
 
 def job_state(reply: Reply) -> tuple[str, Any] | None:
@@ -120,17 +126,30 @@ class Watch:
 class Watchers:
     """The running watchers of this process."""
 
-    def __init__(self, interval: float, max_waiters: int, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        interval: float,
+        max_waiters: int,
+        clock: Callable[[], float],
+        max_per_tenant: int | None = None,
+    ) -> None:
         self.interval = interval
         self.clock = clock
         self.max_waiters = max_waiters
+        self.max_per_tenant = max_per_tenant or max_waiters
         self._watches: dict[str, Watch] = {}
         self.waiters = 0
+        self.by_tenant: Counter[str] = Counter()
         self.closing = False
 
-    def full(self) -> bool:
-        """No more waiting: past max_waiters, or shutting down."""
-        return self.closing or self.waiters >= self.max_waiters
+    def full(self, key: str) -> bool:
+        """No waiting slot for this key's tenant: past max_waiters, past the tenant's
+        share (``max_waiters_per_tenant``), or shutting down."""
+        return (
+            self.closing
+            or self.waiters >= self.max_waiters
+            or self.by_tenant[tenant_of(key)] >= self.max_per_tenant
+        )
 
     @contextlib.contextmanager
     def join(self, key: str, provider: str, poll: Poll, first: Reply, kind: str) -> Any:
@@ -143,6 +162,8 @@ class Watchers:
             watch.publish(first, self.clock())
         watch.waiters += 1
         self.waiters += 1
+        tenant = tenant_of(key)
+        self.by_tenant[tenant] += 1
         gauge = metrics.WAITERS.labels(kind)
         gauge.inc()
         if watch.task is None or watch.task.done():
@@ -152,6 +173,9 @@ class Watchers:
         finally:
             gauge.dec()
             self.waiters -= 1
+            self.by_tenant[tenant] -= 1
+            if not self.by_tenant[tenant]:
+                del self.by_tenant[tenant]
             watch.waiters -= 1
             if watch.waiters == 0:  # nobody waits: stop polling now, forget the job
                 if watch.task is not None:

@@ -42,6 +42,7 @@ from .watch import job_state
 
 log = logging.getLogger("proxy.webhooks")
 HEADER = b"x-proxy-webhook"  # the opt-in request header; never forwarded upstream
+READ_BUFFER_BYTES = 4096  # what one delivery attempt may buffer of a receiver's answer
 Poll = Callable[[], Awaitable[Reply]]
 Poller = Callable[["Followed", list[tuple[bytes, bytes]]], Poll]  # a job's poll, as its creator
 
@@ -252,7 +253,12 @@ class Webhooks:
     async def _attempt(self, endpoint: Endpoint, event_id: str, body: bytes) -> tuple[str, float]:
         if self._session is None:  # made on first use: most proxies never deliver
             self._session = aiohttp.ClientSession(
-                cookie_jar=aiohttp.DummyCookieJar(), trust_env=False
+                # No keep-alive: every attempt's connection is closed once its status
+                # is known, whatever the receiver still sends (memory stays bounded).
+                connector=aiohttp.TCPConnector(force_close=True),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                trust_env=False,
+                read_bufsize=READ_BUFFER_BYTES,
             )
         timestamp = int(time.time())
         headers = {
@@ -267,9 +273,11 @@ class Webhooks:
                 endpoint.url, data=body, headers=headers, allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as response:  # fmt: skip
-                await response.read()
+                # The status decides; the body is never read whole (a receiver could
+                # send 100 MiB, or an endless chunked answer): the connection is closed.
                 status = response.status
                 retry = response.headers.get("retry-after", "")
+                response.close()
         except (TimeoutError, aiohttp.ClientError):
             return "error", 0.0
         finally:

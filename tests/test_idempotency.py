@@ -20,7 +20,7 @@ from proxy.idempotency import Idempotency
 from proxy.policy import EntryKind
 from tests.conftest import ProxyURL, Upstream
 from tests.redis_server import redis_server
-from tests.servers import run_proxy, run_replicas
+from tests.servers import run_proxy, run_replicas, wait_until
 from tests.test_proxy_core import ALICE, BOB, assert_envelope
 from tests.test_redis_cache import redis_env
 
@@ -161,12 +161,30 @@ def test_failures_are_not_remembered(proxy: ProxyURL, upstream: Upstream, status
     assert creates(upstream) == 2
 
 
-def test_an_upstream_timeout_is_not_remembered(make_proxy: Any, upstream: Upstream) -> None:
+def test_an_upstream_timeout_keeps_the_key_as_outcome_unknown(
+    make_proxy: Any, upstream: Upstream
+) -> None:
+    """The create timed out at the proxy but went on upstream (it is billed): a retry
+    with the same key must not create a second video (issue 20, defect 7)."""
     base = make_proxy(upstream_timeout_seconds=0.3)
     upstream.sim.state.faults.append({"delay": 1.0})
     assert post(base, "slow").status_code == 504
-    assert post(base, "slow").status_code == 200
-    assert creates(upstream) == 2
+    retry = post(base, "slow")
+    assert_envelope(retry, 409, "outcome of an earlier request")
+    wait_until(lambda: len(upstream.sim.state.jobs) == 1, what="the slow create to land")
+    assert post(base, "slow").status_code == 409
+    assert creates(upstream) == 1
+    assert post(base, "another key").status_code == 200  # other keys are unaffected
+
+
+def test_an_unreachable_upstream_is_not_remembered(upstream: Upstream, tmp_path: Any) -> None:
+    """No connection: nothing was sent, so the retry may create."""
+    from tests.servers import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    with run_proxy(dead, tmp_path=tmp_path) as proc:
+        assert post(proc.url, "nowhere").status_code == 502
+        assert post(proc.url, "nowhere").status_code == 502  # not 409: never sent
 
 
 @pytest.mark.parametrize("path", FAMILIES)
@@ -223,28 +241,67 @@ def test_two_replicas_on_redis_replay_and_wait_for_each_other(
         assert b"burst" not in dump and b"across" not in dump and b"sk-bf-alice" not in dump
 
 
-# -- the memory store: records share the byte budget, answers are never evicted first ----
-def test_memory_stays_bounded_with_100k_keys() -> None:
+# -- the memory store: each kind has its own budget; idempotency records are never evicted --
+def test_idempotency_records_are_refused_not_evicted_past_their_budget() -> None:
+    import asyncio
+
+    from proxy.cache.base import RecordsFull
+
     async def scenario() -> None:
-        store = MemoryStore(max_bytes=2_000_000, clock=time.time)
+        store = MemoryStore(2_000_000, time.time, idempotency_max_bytes=200_000, tenant_share=0.5)
         now = time.time()
         terminal = Entry("v:openai", EntryKind.TERMINAL, 200, [], b"x" * 1000, now, now + 3600)
-        await store.put("answer", terminal)
+        await store.put("native|v:openai|victim", terminal)
         await store.put_record("own:v:openai", b"f" * 32, 3600)
         idem = Idempotency(86400, 30, b"secret")
-        idem.store = store
-        for i in range(100_000):
-            name = idem.record_name("tenant", f"key-{i}")
-            assert await store.put_record(name, b"meta\n" + b"b" * 400, 86400)
-        held, size = store.record_stats()
-        assert size + store.stats()[1] <= 2_000_000
-        assert 3000 < held < 5000  # the newest keys, within the budget
-        assert store.get_nowait("answer") is terminal  # never evicted for a record
+        victim = idem.record_name("victim", "order-1")
+        assert await store.put_record(victim, b"meta\n" + b"b" * 400, 86400, only_new=True)
+        accepted = 0
+        with pytest.raises(RecordsFull, match="share"):
+            for i in range(100_000):
+                name = idem.record_name("flood", f"key-{i}")
+                assert await store.put_record(name, b"meta\n" + b"b" * 400, 86400, only_new=True)
+                accepted += 1
+        assert 150 < accepted < 200  # half of the budget, at ~525 bytes a record
+        # A second flooding tenant fills the rest; then the store refuses, evicting nobody.
+        with pytest.raises(RecordsFull, match="full"):
+            for i in range(100_000):
+                name = idem.record_name("flood-2", f"key-{i}")
+                await store.put_record(name, b"meta\n" + b"b" * 400, 86400, only_new=True)
+        _, size = store.record_stats()
+        assert size <= 200_000 + 32_000  # idempotency budget plus the owner record
+        assert (await store.get_records([victim]))[0] is not None  # never evicted
+        first_flood = idem.record_name("flood", "key-0")
+        assert (await store.get_records([first_flood]))[0] is not None
+        # The answer that replaces a claim always fits (the create happened).
+        assert await store.put_record(victim, b"meta\n" + b"a" * 900, 86400)
+        assert store.get_nowait("native|v:openai|victim") is terminal
         assert await store.get_records(["own:v:openai"]) == [b"f" * 32]
-        newest = idem.record_name("tenant", "key-99999")
-        assert (await store.get_records([newest]))[0] is not None
 
+    asyncio.run(scenario())
+
+
+def test_a_tenant_that_floods_the_cache_evicts_its_own_answers_first() -> None:
     import asyncio
+
+    async def scenario() -> None:
+        store = MemoryStore(100_000, time.time)
+        now = time.time()
+
+        def entry(i: int) -> Entry:
+            return Entry(f"v{i}:openai", EntryKind.TERMINAL, 200, [], b"x" * 2000, now, now + 3600)
+
+        victims = [entry(i) for i in range(10)]
+        for i, e in enumerate(victims):
+            await store.put(f"native|v{i}:openai|victim", e)
+        for i in range(10_000):
+            await store.put(f"native|f{i}:openai|flood", entry(1000 + i))
+        assert store.stats()[1] <= 100_000
+        assert all(
+            store.get_nowait(f"native|v{i}:openai|victim") is e for i, e in enumerate(victims)
+        )
+        shares = store.tenant_stats()
+        assert shares["flood"] > shares["victim"]  # free room is still used by whoever needs it
 
     asyncio.run(scenario())
 
@@ -306,33 +363,37 @@ def _claim(directory: str) -> bool:
 
     store = HostRecords(directory, 1 << 20)
     try:
-        return asyncio.run(store.put_record("idem:x", b"pending", 30, only_new=True))
+        return asyncio.run(store.put_record("idem:t:x", b"pending", 30, only_new=True))
     finally:
         store.close()
 
 
-def test_host_records_stay_bounded_and_keep_owners(tmp_path: Any) -> None:
+def test_host_records_refuse_claims_past_the_budget_and_keep_owners(tmp_path: Any) -> None:
     import asyncio
 
-    store = HostRecords(str(tmp_path), max_bytes=200_000)
+    from proxy.cache.base import RecordsFull
+
+    store = HostRecords(str(tmp_path), 200_000, tenant_share=0.5)
 
     async def fill() -> None:
         assert await store.put_record("own:v:openai", b"f" * 32, 3600)
-        for i in range(10_000):
-            assert await store.put_record(f"idem:{i}", b"b" * 100, 86400)
-        assert await store.get_records(["own:v:openai", "idem:9999", "idem:0"]) == [
+        assert await store.put_record("idem:victim:1", b"b" * 100, 86400, only_new=True)
+        with pytest.raises(RecordsFull, match="share"):
+            for i in range(10_000):
+                await store.put_record(f"idem:flood:{i}", b"b" * 100, 86400, only_new=True)
+        assert await store.get_records(["own:v:openai", "idem:victim:1", "idem:flood:0"]) == [
             b"f" * 32,
             b"b" * 100,
-            None,
+            b"b" * 100,
         ]
         # An expired claim can be claimed again; a live one cannot.
-        assert await store.put_record("idem:c", b"1", 0.05, only_new=True)
-        assert not await store.put_record("idem:c", b"2", 30, only_new=True)
+        assert await store.put_record("idem:c:c", b"1", 0.05, only_new=True)
+        assert not await store.put_record("idem:c:c", b"2", 30, only_new=True)
         await asyncio.sleep(0.1)
-        assert await store.put_record("idem:c", b"3", 30, only_new=True)
+        assert await store.put_record("idem:c:c", b"3", 30, only_new=True)
 
     asyncio.run(fill())
-    assert store.size() <= 200_000 + 1000 * 100  # trimmed every 1000 writes
+    assert store.size() <= 200_000
     store.close()
 
 

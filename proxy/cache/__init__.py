@@ -21,4 +21,11 @@ def create_store(
         from .redis import RedisStore
 
         return RedisStore(settings.redis_url, settings.redis_timeout_seconds, clock, on_error)
-    return MemoryStore(settings.cache_max_bytes, clock, on_evict)
+    return MemoryStore(
+        settings.cache_max_bytes,
+        clock,
+        on_evict,
+        idempotency_max_bytes=settings.idempotency_max_bytes,
+        ownership_max_bytes=settings.ownership_max_bytes,
+        tenant_share=settings.idempotency_tenant_share,
+    )

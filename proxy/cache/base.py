@@ -11,12 +11,23 @@ import orjson
 from ..policy import EntryKind
 
 # Record names start with their kind (the memory store keeps each kind in its own tier).
-IDEMPOTENCY = "idem:"
-OWNERSHIP = "own:"
+IDEMPOTENCY = "idem:"  # idem:<tenant fingerprint>:<hash of secret, tenant and key>
+OWNERSHIP = "own:"  # own:<canonical id> = the owner's principal
+DELETED = "gone:"  # gone:<canonical id>: deleted through the proxy (no stale answers)
+
+
+def record_tenant(name: str) -> str:
+    """The tenant an idempotency record belongs to (its budget share is counted)."""
+    return name.split(":", 2)[1] if name.count(":") >= 2 else ""
 
 
 class RecordsUnavailable(Exception):
     """The shared store could not be asked about a record (Redis down or slow)."""
+
+
+class RecordsFull(Exception):
+    """A new record does not fit its budget (or its tenant's share of it): refused,
+    never made room for by dropping a live record."""
 
 
 @dataclass(frozen=True, slots=True, weakref_slot=True)

@@ -163,6 +163,8 @@ class RedisStore:
         return bool(got)
 
     async def unlock(self, key: str) -> None:
+        """Release this process's lock. Tried even while the breaker is open: a lock
+        left behind would make every replica's next poll of the key wait out its TTL."""
         token = self._locks.pop(key, None)
         if token is None:
             return
@@ -170,9 +172,12 @@ class RedisStore:
             "if redis.call('get', KEYS[1]) == ARGV[1] then "
             "return redis.call('del', KEYS[1]) else return 0 end"
         )
-        await self._run(
-            "unlock", lambda: self._redis.eval(script, 1, PREFIX + "l:" + key, token), None
-        )
+        try:
+            await asyncio.wait_for(
+                self._redis.eval(script, 1, PREFIX + "l:" + key, token), self._timeout
+            )
+        except (RedisError, OSError, TimeoutError):
+            self._on_error("unlock")  # it expires on its own (its TTL)
 
     async def swap_status(self, video_id: str, status: str) -> str | None:
         """Atomically record a job's status; the previous one (shared by replicas)."""

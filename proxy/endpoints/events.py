@@ -9,6 +9,7 @@ event (stable, so a reconnect with ``Last-Event-ID`` does not get that snapshot 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from starlette.requests import Request
@@ -22,6 +23,7 @@ from ..watch import Watch, event_id, job_state
 from .common import addressed, client_gone
 from .retrieve import Lookup
 
+log = logging.getLogger("proxy.events")
 STREAM_HEADERS = [
     (b"content-type", b"text/event-stream"),
     (b"cache-control", b"no-cache"),
@@ -44,12 +46,17 @@ def event(body: bytes, state: tuple[str, Any]) -> bytes:
     return b"id: " + event_id(state).encode() + b"\n" + lines + b"\n"
 
 
+class SlowReader(Exception):
+    """The client took no data for ``sse_send_timeout_seconds``."""
+
+
 class EventStream(Response):
     def __init__(
         self, services: Services, lookup: Lookup, first: Reply, last_event_id: str | None
     ) -> None:
         self.services, self.lookup, self.first = services, lookup, first
         self.last_event_id = last_event_id
+        self.send_timeout = services.settings.sse_send_timeout_seconds
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -57,9 +64,13 @@ class EventStream(Response):
         gone = asyncio.ensure_future(client_gone(receive))
         try:
             await self._events(send, gone)
+            await self._send(send, b"", more=False)
+        except SlowReader:
+            # Returning without the final message makes the server close the
+            # connection (as nginx's send_timeout does): its slot is free again.
+            log.info("closed an SSE stream whose reader took no data in time")
         finally:
             gone.cancel()
-        await send({"type": "http.response.body", "body": b""})
 
     async def _events(self, send: Send, gone: asyncio.Future[None]) -> None:
         services, lookup = self.services, self.lookup
@@ -68,6 +79,14 @@ class EventStream(Response):
         state = job_state(first)
         if state is None:
             return
+        watchers = services.watchers
+        full = state[0] not in TERMINAL and watchers.full(lookup.key)
+        if full:
+            # No waiting slot (past max_waiters, or this tenant's share): the snapshot,
+            # then the end of the stream; EventSource reconnects after ``retry``.
+            retry_ms = int(max(1.0, 2 * watchers.interval) * 1000)
+            await self._send(send, b"retry: %d\n" % retry_ms + event(first.body, state))
+            return
         if event_id(state) != self.last_event_id:
             await self._send(send, event(first.body, state))
         if state[0] in TERMINAL:
@@ -75,7 +94,7 @@ class EventStream(Response):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.max_wait_seconds * 60
         provider = lookup.video.provider
-        with services.watchers.join(lookup.key, provider, lookup.poll, first, "sse") as watch:
+        with watchers.join(lookup.key, provider, lookup.poll, first, "sse") as watch:
             while (remaining := deadline - loop.time()) > 0:
                 if not await self._wait(
                     watch, state, min(settings.sse_keepalive_seconds, remaining), gone
@@ -101,6 +120,10 @@ class EventStream(Response):
         changed.cancel()
         return not gone.done()
 
-    @staticmethod
-    async def _send(send: Send, data: bytes) -> None:
-        await send({"type": "http.response.body", "body": data, "more_body": True})
+    async def _send(self, send: Send, data: bytes, *, more: bool = True) -> None:
+        """One write; the server blocks it while the client's buffers are full."""
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await send({"type": "http.response.body", "body": data, "more_body": more})
+        except TimeoutError:
+            raise SlowReader from None

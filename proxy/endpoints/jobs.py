@@ -9,10 +9,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .. import idempotency
+from ..decoy import ForeignJob
 from ..errors import ProxyError
 from ..exchange import JSON_TYPE, Exchange, Reply, reply_response, request_id
 from ..follows import Followed
-from ..forwarder import call_json
+from ..forwarder import call_json, decoy_call
 from ..ids import InvalidVideoId, normalize_provider, parse_decoded
 from ..multipart import to_json_body
 from ..policy import cache_key
@@ -59,7 +60,14 @@ async def _create_or_remix(request: Request, *, remix: bool) -> Response:
     provider: str | None = None
     if remix:
         video = addressed(request, body_allowed=True)[3]
-        await services.owners.check(video, principal, ex.route)
+        try:
+            await services.owners.check(video, principal, ex.route)
+        except ForeignJob as foreign:  # as the upstream answers a remix of no job
+            reply = await decoy_call(
+                services, ex, foreign, lambda v: f"{route.prefix}/{v.upstream_segment}/remix",
+                query=request.scope.get("query_string", b""), body=body,
+            )  # fmt: skip
+            return reply_response(ex, reply, services.clock())
         provider = video.provider
         path = f"{route.prefix}/{video.upstream_segment}/remix"
     else:
@@ -123,7 +131,14 @@ def poll_as_creator(
 
 async def delete(request: Request) -> Response:
     services, ex, route, video = addressed(request)
-    await services.owners.check(video, services.owners.principal(ex.headers), ex.route)
+    query = request.scope.get("query_string", b"")
+    try:
+        await services.owners.check(video, services.owners.principal(ex.headers), ex.route)
+    except ForeignJob as foreign:  # as the upstream answers a delete of no job
+        reply = await decoy_call(
+            services, ex, foreign, lambda v: f"{route.prefix}/{v.upstream_segment}", query=query
+        )
+        return reply_response(ex, reply, services.clock())
     reply, _ = await call_json(
         services, ex, f"{route.prefix}/{video.upstream_segment}", video.provider,
         query=request.scope.get("query_string", b""),
@@ -131,5 +146,5 @@ async def delete(request: Request) -> Response:
     if 200 <= reply.status < 300:
         # Before answering, so the client's next poll cannot hit a stale entry.
         await services.cache.delete_video(video.canonical)
-        services.stale.forget(video.canonical)
+        await services.stale.deleted(video.canonical)
     return reply_response(ex, reply, services.clock())

@@ -15,9 +15,10 @@ from starlette.types import Receive, Scope
 
 from .. import metrics
 from ..cache import Entry
+from ..decoy import ForeignJob
 from ..errors import ProxyError, UnknownJob
 from ..exchange import Exchange, Reply, reply_response
-from ..forwarder import call_json
+from ..forwarder import call_json, decoy_call
 from ..ids import VideoId
 from ..policy import (
     TERMINAL,
@@ -40,12 +41,7 @@ async def retrieve(request: Request) -> Response:
     lookup = Lookup(services, ex, route, video, request.scope)
     wait = prefer_wait(ex.headers)
     applied = None if wait is None else min(wait, services.settings.max_wait_seconds)
-    try:
-        reply = await lookup.current(request_directives(ex.header(b"cache-control")))
-    except UnknownJob as exc:
-        if applied is not None:  # as the upstream's "not found" would be answered
-            exc.headers["preference-applied"] = f"wait={int(applied)}"
-        raise
+    reply = await lookup.current(request_directives(ex.header(b"cache-control")))
     if applied is None:
         return reply_response(ex, reply, services.clock())
     return await long_poll(services, lookup, reply, applied, request.receive)
@@ -68,11 +64,22 @@ async def long_poll(
     services: Services, lookup: Lookup, reply: Reply, applied: float, receive: Receive
 ) -> Response:
     """The same job JSON a retrieve returns: at once if the job is terminal, else once
-    its status or progress changes, or after ``applied`` seconds with the latest one."""
+    its status or progress changes, or after ``applied`` seconds with the latest one.
+
+    ``Preference-Applied`` (RFC 7240) only when the wait was honoured: the job was
+    waited on, or was already terminal. Errors, and answers given at once for want of
+    a waiting slot, do not claim it."""
     ex = lookup.ex
     state = job_state(reply)
     watchers = services.watchers
-    if state is not None and state[0] not in TERMINAL and applied > 0 and not watchers.full():
+    honoured = state is not None and (state[0] in TERMINAL or applied == 0)
+    if (
+        state is not None
+        and state[0] not in TERMINAL
+        and applied > 0
+        and not watchers.full(lookup.key)
+    ):
+        honoured = True
         started = time.perf_counter()
         with watchers.join(
             lookup.key, lookup.video.provider, lookup.poll, reply, "long_poll"
@@ -85,7 +92,8 @@ async def long_poll(
             reply = watch.snapshot
         metrics.WAIT_SECONDS.observe(time.perf_counter() - started)
     response = reply_response(ex, reply, services.clock())
-    response.raw_headers.append((b"preference-applied", b"wait=%d" % applied))
+    if honoured:
+        response.raw_headers.append((b"preference-applied", b"wait=%d" % applied))
     return response
 
 
@@ -97,11 +105,14 @@ class Lookup:
     ) -> None:
         self.services, self.ex, self.video, self.scope = services, ex, video, scope
         query = self.query = scope.get("query_string", b"")
+        self.prefix = route.prefix
         self.path = f"{route.prefix}/{video.upstream_segment}"
         self.route_template = route.template
         self.principal = services.owners.principal(ex.headers)
         key = cache_key(route.family, video.canonical, self.principal)
-        if query:  # Bifrost's retrieve takes none; if one is sent, it gets its own entry
+        if query:
+            # Bifrost's retrieve takes none: forwarded as sent, joined only with the same
+            # query, never stored (or one client could mint an entry per query string).
             key += "?" + query.decode("latin-1")
         self.key = key
 
@@ -156,13 +167,16 @@ class Lookup:
             return reply
         wait = min(self.services.settings.upstream_timeout_seconds, 10.0)
         if not await cache.lock(self.key, wait):
-            # Another replica is fetching this very answer: wait for its entry.
+            # Another replica is fetching this very answer: wait for its entry, or for
+            # its lock to go without one (a failure, an answer not stored): then fetch.
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
                 await anyio.sleep(0.01)
                 reply = self._fresh(await cache.get(self.key))
                 if reply is not None:
                     return reply
+                if await cache.lock(self.key, wait):
+                    break
         try:
             return await self.from_upstream(directives)
         finally:
@@ -173,24 +187,32 @@ class Lookup:
         the job's last running snapshot (stale-if-error, RFC 5861)."""
         services = self.services
         # Only here: a cached answer under this tenant's key was checked when stored.
-        await services.owners.check(self.video, self.principal, self.route_template)
+        try:
+            await services.owners.check(self.video, self.principal, self.route_template)
+        except ForeignJob as foreign:  # never cached, never a stale snapshot
+            return await decoy_call(
+                services, self.ex, foreign, lambda v: f"{self.prefix}/{v.upstream_segment}",
+                query=self.query, retry=True,
+            )  # fmt: skip
         try:
             reply, doc = await call_json(
                 services, self.ex, self.path, self.video.provider, query=self.query, retry=True
             )
         except ProxyError as exc:
-            stale = services.stale.get(self.video.canonical, self.key, services.clock())
-            if stale is None or exc.status not in (502, 504):
+            if exc.status not in (502, 504):
+                raise
+            stale = await services.stale.get(self.video.canonical, self.key, services.clock())
+            if stale is None:
                 raise
             return stale
         if reply.status == 429 or reply.status >= 500:
-            stale = services.stale.get(self.video.canonical, self.key, services.clock())
+            stale = await services.stale.get(self.video.canonical, self.key, services.clock())
             return stale or reply
         now = services.clock()
         decision = decide(
             reply.status, doc, len(reply.body), now, services.limits, directives, reply.headers
         )
-        if decision is not None and doc is not None:
+        if decision is not None and doc is not None and not self.query:
             body = hit_body(doc) if decision.kind is EntryKind.TERMINAL else reply.body
             entry = Entry(
                 self.video.canonical, decision.kind, reply.status, reply.headers, body, now,

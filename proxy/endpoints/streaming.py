@@ -13,9 +13,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .. import headers as hdr
+from ..decoy import ForeignJob
 from ..errors import ProxyError
-from ..exchange import Exchange
-from ..forwarder import forward_headers
+from ..exchange import Exchange, reply_response
+from ..forwarder import decoy_call, forward_headers
 from ..upstream import StreamBroken, Upstream, UpstreamCall
 from .common import addressed, client_gone, context
 
@@ -32,7 +33,14 @@ async def content(request: Request) -> Response:
             raise ProxyError(
                 400, "variant must be one of video, thumbnail, spritesheet", param="variant"
             )
-    await services.owners.check(video, services.owners.principal(ex.headers), ex.route)
+    try:
+        await services.owners.check(video, services.owners.principal(ex.headers), ex.route)
+    except ForeignJob as foreign:  # as the upstream answers for no job (read whole)
+        reply = await decoy_call(
+            services, ex, foreign, lambda v: f"{route.prefix}/{v.upstream_segment}/content",
+            query=query, retry=True,
+        )  # fmt: skip
+        return reply_response(ex, reply, services.clock())
     call = UpstreamCall(
         "GET", f"{route.prefix}/{video.upstream_segment}/content", query, forward_headers(ex),
         retry_idempotent=True, streaming=True, route=ex.route,
