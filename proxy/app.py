@@ -52,9 +52,11 @@ class AnyMethod:
 
 
 def video_routes(prefix: str) -> list[BaseRoute]:
-    """The six video operations of one family (``/v1/videos`` or ``/openai/v1/videos``)."""
+    """The video operations the proxy improves, of one family (``/v1/videos`` or
+    ``/openai/v1/videos``); other routes under it are forwarded (pass-through)."""
     return [
         Route(prefix, jobs.create, methods=["POST"]),
+        Route(prefix + "/edits", jobs.edit, methods=["POST"]),
         Route(prefix, listing.list_videos, methods=["GET"]),
         Route(prefix + "/{video_id}", retrieve.retrieve, methods=["GET"]),
         Route(prefix + "/{video_id}", jobs.delete, methods=["DELETE"]),

@@ -87,6 +87,7 @@ class Reply:
     body: bytes
     entry: Entry | None = None  # set when served from the cache
     stale: bool = False  # a running snapshot answered because the upstream failed
+    drift: bool = False  # broke the documented shape (see ``contract``): never cached
 
 
 class RawResponse(Response):

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import headers as hdr
+from .contract import violations
 from .decoy import ForeignJob
 from .errors import ProxyError
 from .exchange import Exchange, Reply
@@ -83,10 +84,23 @@ async def call_json(
     started = time.perf_counter()
     response, raw = await services.upstream.fetch(call, MAX_JSON_ANSWER_BYTES)
     ex.upstream_ms = round((time.perf_counter() - started) * 1000, 3)
-    out, doc = fix_answer(services, response, raw, provider)
-    if doc is not None and 200 <= response.status_code < 300:
+    ok = 200 <= response.status_code < 300
+    kind = _SHAPES.get((ex.method, ex.route)) if ok else None
+    out, doc, drift = fix_answer(services, response, raw, provider, kind, ex.route)
+    if doc is not None and ok:
         await track_statuses(services, doc)
-    return Reply(response.status_code, answer_headers(response), out), doc
+    return Reply(response.status_code, answer_headers(response), out, drift=drift), doc
+
+
+# Which documented shape a 2xx answer has, by (method, route template).
+_SHAPES = {
+    (method, prefix + suffix): kind
+    for prefix in ("/v1/videos", "/openai/v1/videos")
+    for method, suffix, kind in (
+        ("GET", "", "list"), ("POST", "", "new"), ("POST", "/edits", "new"),
+        ("POST", "/{video_id}/remix", "new"), ("GET", "/{video_id}", "job"),
+    )
+}  # fmt: skip
 
 
 async def decoy_call(
@@ -112,19 +126,31 @@ async def decoy_call(
 
 
 def fix_answer(
-    services: Services, response: UpstreamResponse, raw: bytes, provider: str | None
-) -> tuple[bytes, dict[str, Any] | None]:
-    """Canonical ids in a JSON answer; the raw bytes when nothing changes."""
+    services: Services,
+    response: UpstreamResponse,
+    raw: bytes,
+    provider: str | None,
+    kind: str | None = None,
+    route: str = "other",
+) -> tuple[bytes, dict[str, Any] | None, bool]:
+    """Canonical ids in a JSON answer (the raw bytes when nothing changes), its parsed
+    body, and whether it broke the documented shape of ``kind`` (counted, logged)."""
     if (response.header("content-encoding") or "identity") != "identity":
-        return raw, None  # the upstream ignored our identity request: leave it alone
+        return raw, None, False  # the upstream ignored our identity request: leave it alone
     if "json" not in (response.header("content-type") or "json"):
-        return raw, None
+        return raw, None, False
     doc = parse_json_object(raw)
+    drift = False
+    if doc is not None and kind is not None:
+        found = violations(doc, kind)
+        if found:
+            services.drift.report(route, found)
+            drift = True
     if doc is not None and not isinstance(doc.get("status", ""), str):
-        return raw, None  # odd JSON (a list or object status): relayed verbatim, uncached
+        return raw, None, drift  # odd JSON (a list or object status): relayed verbatim
     if doc is None or not canonicalize_ids(doc, provider, services.rules):
-        return raw, doc
-    return dumps(doc), doc
+        return raw, doc, drift
+    return dumps(doc), doc, drift
 
 
 async def track_statuses(services: Services, doc: dict[str, Any]) -> None:

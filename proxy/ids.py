@@ -14,13 +14,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
-# Providers named in the upstream contract (video-capable and otherwise known).
-DEFAULT_PROVIDERS: frozenset[str] = frozenset(
+# Providers Bifrost knows today (its provider enum, video-capable or not): these keep
+# their names in metric labels; any other well-formed name is accepted (deployments add
+# custom providers) and counted as "other".
+KNOWN_PROVIDERS: frozenset[str] = frozenset(
     {
-        "openai", "azure", "gemini", "vertex", "runway", "replicate", "anthropic",
-        "bedrock", "cohere", "mistral", "ollama", "groq", "sgl", "parasail",
-        "perplexity", "cerebras", "openrouter", "elevenlabs", "huggingface",
-        "nebius", "xai", "vllm",
+        "openai", "azure", "gemini", "vertex", "runway", "runware", "replicate",
+        "anthropic", "bedrock", "cohere", "deepseek", "fireworks", "mistral", "ollama",
+        "groq", "sgl", "parasail", "perplexity", "cerebras", "openrouter", "elevenlabs",
+        "huggingface", "nebius", "xai", "vllm",
     }
 )  # fmt: skip
 
@@ -42,7 +44,7 @@ class IdRules:
     """The configurable part of the grammar (from settings)."""
 
     max_length: int = 512
-    allowed_providers: frozenset[str] | None = DEFAULT_PROVIDERS  # None: any well-formed
+    allowed_providers: frozenset[str] | None = None  # None: any well-formed name
     provider_aliases: Mapping[str, str] | None = None
 
 

@@ -43,6 +43,11 @@ UPSTREAM_DURATION = Histogram(
     "Time until the upstream's answer headers (whole body for JSON routes).",
     ["route", "method", "status"], buckets=LATENCY_BUCKETS,
 )  # fmt: skip
+CONTRACT_VIOLATIONS = Counter(
+    "bifrost_proxy_upstream_contract_violations_total",
+    "Upstream answers on video routes that broke the documented shape (relayed, uncached).",
+    ["route", "field"],
+)  # fmt: skip
 UPSTREAM_ERRORS = Counter(
     "bifrost_proxy_upstream_errors_total", "Upstream calls that failed at transport level.",
     ["route", "kind"],

@@ -27,6 +27,8 @@ class Kind(StrEnum):
     REMIX = "remix"
     CONTENT = "content"
     EVENTS = "events"
+    EDITS = "edits"
+    VIDEO_PASSTHROUGH = "video_passthrough"  # a route under …/videos the proxy does not know
     PASSTHROUGH = "passthrough"
     HEALTHZ = "healthz"
     READYZ = "readyz"
@@ -43,6 +45,7 @@ class Route:
     family: str  # "native", "openai" or "" (not a video route)
     template: str  # metric label: a template, never a raw path
     id_segment: str | None = None  # raw, still percent-encoded
+    rest: str = ""  # VIDEO_PASSTHROUGH: the raw path after the id (or after /videos)
 
     @property
     def prefix(self) -> str:
@@ -140,19 +143,31 @@ def classify(method: str, raw_path: str) -> Route:
 
     tail = raw_segments[rest:]
     count = len(tail)
-    if count > 2 or any(not s for s in tail):
-        raise not_found("no such video route")
-    action = segments[rest + 1] if count == 2 else None
-    if count == 2 and action not in ("remix", "content", "events"):
+    base = "/openai/v1/videos" if family == "openai" else "/v1/videos"
+    if any(not s for s in tail):
         raise not_found("no such video route")
     if method == "OPTIONS":
         # A CORS preflight: Bifrost answers every OPTIONS with its CORS configuration,
         # so it is relayed as is (no id is acted on, so none is validated).
         return Route(Kind.PASSTHROUGH, "", "preflight")
-    kind_or_none = _VIDEO_SHAPES.get((method, count, action))
+    # The segment after "videos" is a video id when it holds a ":" (however encoded),
+    # else the name of a literal route (``edits``, ``characters``, …).
+    is_id = count > 0 and ":" in fully_decode(tail[0])
+    if count == 1 and not is_id and segments[rest] == "edits" and method == "POST":
+        return Route(Kind.EDITS, family, base + "/edits")
+    action = segments[rest + 1] if count == 2 else None
+    kind_or_none = _VIDEO_SHAPES.get((method, count, action)) if is_id or not count else None
     if kind_or_none is None:
-        raise ProxyError(405, f"{method} is not allowed on this video route")
-    base = "/openai/v1/videos" if family == "openai" else "/v1/videos"
+        # Not one the proxy improves: forwarded (Bifrost answers it), an id in it
+        # validated and ownership-checked first.
+        if is_id:
+            return Route(
+                Kind.VIDEO_PASSTHROUGH, family, base + "/{video_id}/…", tail[0],
+                "".join("/" + s for s in tail[1:]),
+            )  # fmt: skip
+        return Route(
+            Kind.VIDEO_PASSTHROUGH, family, base + "/…", None, "".join("/" + s for s in tail)
+        )
     return Route(
         kind_or_none,
         family,
@@ -170,6 +185,12 @@ def canonical_path(route: Route, decoded_path: str) -> str:
     stays one still-encoded segment; pass-through keeps its (decoded) path."""
     if route.kind is Kind.PASSTHROUGH:
         return decoded_path
+    if route.kind is Kind.VIDEO_PASSTHROUGH:
+        # One neutral path that only the pass-through catch-all matches: a literal
+        # route such as ``/v1/videos/x/remix`` must not reach the remix endpoint.
+        return route.prefix + "-passthrough"
+    if route.kind is Kind.EDITS:
+        return route.template
     if not route.family:  # health, readiness, metrics, admin
         if route.kind is Kind.ADMIN_PURGE_ONE:
             return f"/admin/cache/videos/{route.id_segment}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import logging
 import math
 import os
 import secrets
@@ -25,6 +26,8 @@ from .app import create_app
 from .protocol import GuardedHttpToolsProtocol
 from .settings import HELP, Settings, SettingsError, load
 
+log = logging.getLogger("proxy")
+SIMULATOR_THREAD = "bifrost-simulator"
 # CLI flag → setting name. Every flag is also settable as PROXY_<NAME>.
 FLAGS = {
     "upstream": "upstream_url",
@@ -77,9 +80,15 @@ def start_simulator() -> str:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(create_simulator(), log_level="warning", lifespan="off")
+    config = uvicorn.Config(create_simulator(), log_config=None, log_level=None, lifespan="off")
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    # uvicorn's servers share one logger: the proxy's own startup lines are enough.
+    logging.getLogger("uvicorn.error").addFilter(
+        lambda record: record.threadName != SIMULATOR_THREAD or record.levelno >= logging.WARNING
+    )
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=SIMULATOR_THREAD
+    )
     thread.start()
     return f"http://127.0.0.1:{port}"
 
@@ -120,11 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.simulate:
         url = start_simulator()
         os.environ["PROXY_UPSTREAM_URL"] = url
-        print(f"bifrost-video-proxy: simulator (Bifrost stand-in) on {url}", file=sys.stderr)
-    print(
-        f"bifrost-video-proxy {__version__}: listening on http://{settings.host}:{settings.port}",
-        file=sys.stderr,
-    )
+        log.info("simulator (Bifrost stand-in) on %s", url)
+    log.info(
+        "bifrost-video-proxy %s: listening on http://%s:%s",
+        __version__, settings.host, settings.port,
+    )  # fmt: skip
     # uvicorn drains on SIGTERM, then re-raises the signal once the original handler
     # is back: make that handler a no-op so a graceful stop exits 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
@@ -135,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=settings.port,
         workers=settings.workers,
         log_level=settings.log_level,
+        # uvicorn's own lines (startup, errors) go through the proxy's formatter.
+        log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None,
         server_header=False,

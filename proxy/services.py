@@ -20,6 +20,7 @@ from . import logs, metrics
 from .bodies import BodyLimits
 from .cache import CacheStore, MemoryStore, create_store
 from .coalesce import SingleFlight
+from .contract import Drift
 from .exchange import Reply
 from .follows import MemoryFollows, RedisFollows, Sealer
 from .hoststate import HostRecords, HostStatuses
@@ -91,6 +92,7 @@ class Services:
         )  # fmt: skip
         self.stale = StaleSnapshots(settings.stale_if_error_seconds)
         self.webhooks = Webhooks(settings)
+        self.drift = Drift()  # upstream answers that broke the documented shape
         # Access lines are buffered and written in batches (every FLUSH_SECONDS and at
         # shutdown): the logging machinery per request cost ~10% of a pass-through.
         self.access_rows: list[dict[str, Any]] = []

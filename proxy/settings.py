@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .ids import DEFAULT_PROVIDERS, PROVIDER_RE, IdRules
+from .ids import PROVIDER_RE, IdRules
 
 MiB = 1024 * 1024
 
@@ -47,9 +47,9 @@ class Settings:
     max_header_bytes: int = 64 * 1024
     keepalive_timeout_seconds: float = 75.0
     max_id_length: int = 512
-    allowed_providers: list[str] = field(default_factory=lambda: sorted(DEFAULT_PROVIDERS))
+    allowed_providers: list[str] = field(default_factory=lambda: ["*"])
     provider_aliases: dict[str, str] = field(default_factory=dict)
-    list_default_provider: str = "openai"
+    list_default_provider: str = "gemini"
     shutdown_grace_seconds: float = 30.0
     cache_backend: str = "memory"
     redis_url: str = "redis://localhost:6379/0"
@@ -121,7 +121,7 @@ HELP: dict[str, str] = {
     "max_header_bytes": "Largest request line plus headers accepted; larger ones get 431.",
     "keepalive_timeout_seconds": "How long an idle client connection is kept open.",
     "max_id_length": "Longest video id accepted (raw path segment), else 400.",
-    "allowed_providers": 'Providers accepted in ids and list queries; ["*"] allows any.',
+    "allowed_providers": 'Providers accepted in ids and list queries; ["*"] (default): any.',
     "provider_aliases": 'Provider renames applied before validation, e.g. {google = "gemini"}.',
     "list_default_provider": "Provider filled into a native list without one; empty: off.",
     "shutdown_grace_seconds": "On SIGTERM, how long in-flight requests may finish.",

@@ -12,7 +12,7 @@ from typing import Any
 from cachetools import LRUCache
 
 from . import metrics
-from .ids import DEFAULT_PROVIDERS
+from .ids import KNOWN_PROVIDERS
 from .policy import TERMINAL
 
 KNOWN = frozenset({"queued", "in_progress", "completed", "failed"})
@@ -20,7 +20,7 @@ Swap = Callable[[str, str], Awaitable[str | None]]  # (id, status) -> previous, 
 
 
 def provider_label(provider: str) -> str:
-    return provider if provider in DEFAULT_PROVIDERS else "other"
+    return provider if provider in KNOWN_PROVIDERS else "other"
 
 
 class StatusTracker:

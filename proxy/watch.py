@@ -84,6 +84,13 @@ class Watch:
                 while self.state == seen and not self.terminal and not self.closing:
                     await self._changed.wait()
 
+    async def until_terminal(self, timeout: float) -> None:
+        """Return once the job is terminal (or the watch closes), or on timeout."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not self.terminal and not self.closing:
+                    await self._changed.wait()
+
     def close(self) -> None:
         self.closing = True
         changed, self._changed = self._changed, asyncio.Event()

@@ -46,7 +46,7 @@ def test_mounted_under_a_prefix_with_the_openai_sdk(upstream: Upstream, prefix: 
         ] == [video.id]
         upstream.clock.advance(31)
         assert client.videos.download_content(video.id).content
-        r = httpx.get(server.url + "/bifrost/v1/videos/not-an-id")
+        r = httpx.get(server.url + "/bifrost/v1/videos/not-an-id:")
         assert r.status_code == 400 and r.json()["error"]["param"] == "video_id"
         assert httpx.get(server.url + "/bifrost/api/config").status_code == 404
     # The upstream saw its own paths: never the mount prefix.

@@ -57,7 +57,6 @@ def test_canonical_forms(raw: str, canonical: str) -> None:
         ("video:open ai", "must match"),
         ("video:-openai", "must match"),
         ("video:open/ai", "must match"),
-        ("video:acme", "not allowed"),
         ("x" * 513 + ":openai", "longer than 512"),
         ("..:openai", "dot-segment"),
         ("%2E%2E:openai", "dot-segment"),
@@ -66,6 +65,13 @@ def test_canonical_forms(raw: str, canonical: str) -> None:
 def test_rejections(raw: str, message: str) -> None:
     with pytest.raises(InvalidVideoId, match=message):
         parse_segment(raw, RULES)
+
+
+def test_any_provider_by_default_and_a_list_restricts() -> None:
+    assert parse_segment("task-1:runware", IdRules()).provider == "runware"
+    assert parse_segment("x:my-custom.provider", IdRules()).provider == "my-custom.provider"
+    with pytest.raises(InvalidVideoId, match="not allowed"):
+        parse_segment("video:acme", IdRules(allowed_providers=frozenset({"openai"})))
 
 
 def test_allowed_providers_star_and_aliases() -> None:

@@ -131,13 +131,13 @@ def test_job_lifecycle_counts_each_transition_once(
 
 def test_list_items_reveal_transitions(quiet_proxy: ProxyProcess, upstream: Upstream) -> None:
     base = quiet_proxy.url
-    create(base, model="runway/gen-4")
+    create(base, model="replicate/minimax-video")
     upstream.clock.advance(100)
-    httpx.get(f"{base}/v1/videos?provider=runway", headers=ALICE)
-    httpx.get(f"{base}/v1/videos?provider=runway", headers=ALICE)
+    httpx.get(f"{base}/v1/videos?provider=replicate", headers=ALICE)
+    httpx.get(f"{base}/v1/videos?provider=replicate", headers=ALICE)
     m = scrape(base)
     t = "bifrost_proxy_video_status_transitions_total"
-    assert value(m, t, provider="runway", from_status="queued", to_status="completed") == 1
+    assert value(m, t, provider="replicate", from_status="queued", to_status="completed") == 1
 
 
 def test_no_series_per_id_or_path(quiet_proxy: ProxyProcess) -> None:
@@ -283,7 +283,7 @@ def test_alert_rules_pass_promtool() -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 8 rules found" in result.stdout
+    assert "SUCCESS: 9 rules found" in result.stdout
 
 
 def test_every_metric_in_alerts_and_dashboard_is_exposed(proxy_process: ProxyProcess) -> None:

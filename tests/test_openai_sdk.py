@@ -28,14 +28,15 @@ def sdk(base: str, prefix: str, key: str = "sk-bf-alice") -> OpenAI:
 def test_create_retrieve_list_delete(proxy: ProxyURL, upstream: Upstream, prefix: str) -> None:
     client = sdk(proxy, prefix)
     video = client.videos.create(
-        model="openai/sora-2", prompt="a cat", seconds="8", size="1280x720"
+        model="gemini/veo-3.1-fast-generate-001", prompt="a cat", seconds="8", size="1280x720"
     )
-    assert video.id.endswith(":openai") and video.status == "queued"
+    assert video.id.endswith(":gemini") and video.status == "queued"
+    assert video.id.startswith("models%2Fveo-3.1-fast-generate-001%2Foperations%2F")
     sent = upstream.sim.state.requests[-1]
     if prefix == "/v1":  # converted: Bifrost's native create takes JSON only
         assert sent.header("content-type") == "application/json"
         assert orjson.loads(sent.body) == {
-            "model": "openai/sora-2",
+            "model": "gemini/veo-3.1-fast-generate-001",
             "prompt": "a cat",
             "seconds": "8",
             "size": "1280x720",
@@ -44,8 +45,10 @@ def test_create_retrieve_list_delete(proxy: ProxyURL, upstream: Upstream, prefix
         assert sent.header(
             "content-type",
         ).startswith("multipart/form-data")
-    assert client.videos.retrieve(video.id).id == video.id
-    assert [v.id for v in client.videos.list()] == [video.id]
+    assert client.videos.retrieve(video.id).id == video.id  # the SDK double-encodes %2F
+    # The OpenAI-format family's list takes its provider from a header.
+    listed = client.videos.list(extra_headers={"x-bf-video-list-provider": "gemini"})
+    assert [v.id for v in listed] == [video.id]
     deleted = client.videos.delete(video.id)
     assert deleted.id == video.id and deleted.deleted is True
     with pytest.raises(openai.NotFoundError):
@@ -68,8 +71,10 @@ def test_create_with_input_reference(proxy: ProxyURL, upstream: Upstream, prefix
 @pytest.mark.parametrize("prefix", FAMILIES)
 def test_list_auto_paginates_over_after_cursors(proxy: ProxyURL, prefix: str) -> None:
     client = sdk(proxy, prefix)
-    made = [client.videos.create(model="openai/sora-2", prompt=f"n{i}").id for i in range(5)]
-    listed = [v.id for v in client.videos.list(limit=2)]
+    model = "gemini/veo-3.1-fast-generate-001"
+    made = [client.videos.create(model=model, prompt=f"n{i}").id for i in range(5)]
+    pages = client.videos.list(limit=2, extra_headers={"x-bf-video-list-provider": "gemini"})
+    listed = [v.id for v in pages]
     assert listed == list(reversed(made))
 
 
@@ -126,9 +131,12 @@ def test_create_and_poll(make_proxy: Any, upstream: Upstream, prefix: str) -> No
 def test_sdk_errors(proxy: ProxyURL, upstream: Upstream, make_proxy: Any, prefix: str) -> None:
     client = sdk(proxy, prefix)
     with pytest.raises(openai.BadRequestError) as bad:
-        client.videos.retrieve("not-an-id")
+        client.videos.retrieve("not-an-id:")
     assert "id:provider" in str(bad.value)
     assert upstream.calls == 0
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.videos.retrieve("not-an-id")  # no ":": a route name, Bifrost's to refuse
+    assert "id:provider" in str(bad.value)
     with pytest.raises(openai.NotFoundError):
         client.videos.retrieve("video_doesnotexist:openai")
     dead = sdk(make_proxy(upstream_url=f"http://127.0.0.1:{free_port()}"), prefix)
@@ -140,10 +148,10 @@ def test_sdk_errors(proxy: ProxyURL, upstream: Upstream, make_proxy: Any, prefix
 
 
 def test_native_list_provider_fill(make_proxy: Any, upstream: Upstream) -> None:
-    client = sdk(make_proxy(list_default_provider="runway"), "/v1")
-    video = client.videos.create(model="runway/gen-4", prompt="a cat")
+    client = sdk(make_proxy(list_default_provider="replicate"), "/v1")
+    video = client.videos.create(model="replicate/minimax-video-01", prompt="a cat")
     assert [v.id for v in client.videos.list()] == [video.id]
-    assert upstream.sim.state.requests[-1].query == "provider=runway"
+    assert upstream.sim.state.requests[-1].query == "provider=replicate"
     off = sdk(make_proxy(list_default_provider=""), "/v1")
     with pytest.raises(openai.BadRequestError) as info:
         off.videos.list()

@@ -87,6 +87,16 @@ PATHS = st.one_of(
         SEGMENT,
         st.sampled_from(["", "/content", "/remix", "/x", "/../api"]),
     ).map("".join),
+    # Unknown sub-paths under …/videos: ids (a ":" somewhere, however encoded) and
+    # literals, with any depth.
+    st.tuples(
+        st.sampled_from(["/v1/videos/", "/openai/v1/videos/"]),
+        st.one_of(
+            SEGMENT,
+            st.tuples(SEGMENT, st.sampled_from([":", "%3A", "%253A"]), SEGMENT).map("".join),
+        ),
+        st.lists(SEGMENT, max_size=3).map(lambda s: "".join("/" + x for x in s)),
+    ).map("".join),
 )
 METHODS = st.sampled_from(["GET", "POST", "DELETE", "PUT", "PATCH"])
 HEADER_VALUES = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=30)
@@ -138,8 +148,25 @@ def test_random_requests_never_5xx_and_never_leave_the_video_routes(
         segments = sent.split("/")
         assert ".." not in [unquote(unquote(s)) for s in segments]
         if sent.startswith(("/v1/videos/", "/openai/v1/videos/")):
-            tail = sent.split("/videos/", 1)[1].split("/")
-            assert len(tail) <= 2 and (len(tail) == 1 or tail[1] in ("content", "remix")), sent
+            video_target_shape(sent)
+    if proxied and path.split("?")[0].startswith(("/v1/videos", "/openai/v1/videos")):
+        assert len(recorder.paths) == 1  # forwarded once
+
+
+def video_target_shape(target: str) -> bool:
+    """Check a target the proxy sent under ``…/videos``: a segment after ``videos`` that
+    holds a ``:`` (however encoded) is a valid id in its canonical form, never an
+    unvalidated one; any other is a literal route name. True for the operations the
+    proxy improves (retrieve, delete, content, remix), whose shape is fixed."""
+    from proxy.routes import fully_decode
+
+    tail = target.split("?")[0].split("/videos", 1)[1].split("/")[1:]
+    assert all(tail), target
+    if not tail or ":" not in fully_decode(tail[0]):
+        return False  # a literal route (edits, characters, …): Bifrost's to answer
+    video = parse_segment(tail[0], IdRules())
+    assert tail[0] == video.upstream_segment, target
+    return len(tail) <= 2 and tail[1:] in ([], ["content"], ["remix"])
 
 
 ACTIONS = st.lists(

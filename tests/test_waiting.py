@@ -228,7 +228,7 @@ def test_sse_keepalive_comments(make_proxy: Any, upstream: Upstream) -> None:
 def test_sse_bad_id_and_unknown_job_are_ordinary_answers(
     waiting: ProxyURL, upstream: Upstream
 ) -> None:
-    assert_envelope(httpx.get(f"{waiting}/v1/videos/not-an-id/events"), 400, "id:provider")
+    assert_envelope(httpx.get(f"{waiting}/v1/videos/not-an-id:/events"), 400, "id:provider")
     assert upstream.calls == 0
     r = httpx.get(f"{waiting}/v1/videos/video_nope:openai/events", headers=ALICE)
     assert r.status_code == 404 and r.headers["content-type"] == "application/json"

@@ -8,7 +8,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .. import idempotency
+from .. import edits, idempotency
 from ..decoy import ForeignJob
 from ..errors import ProxyError
 from ..exchange import JSON_TYPE, Exchange, Reply, reply_response, request_id
@@ -26,14 +26,20 @@ from .retrieve import Lookup
 
 
 async def create(request: Request) -> Response:
-    return await _create_or_remix(request, remix=False)
+    return await _new_job(request, Kind.CREATE)
 
 
 async def remix(request: Request) -> Response:
-    return await _create_or_remix(request, remix=True)
+    return await _new_job(request, Kind.REMIX)
 
 
-async def _create_or_remix(request: Request, *, remix: bool) -> Response:
+async def edit(request: Request) -> Response:
+    return await _new_job(request, Kind.EDITS)
+
+
+async def _new_job(request: Request, kind: Kind) -> Response:
+    """Create, remix or edit: a request whose answer is a new job (its owner recorded,
+    ``Idempotency-Key`` and ``X-Proxy-Webhook`` honoured)."""
     services, ex, route = context(request)
     webhook = services.webhooks.endpoint(ex.header(HEADER))  # unknown: 400, nothing sent
     idempotency_key = idempotency.key_of(ex)  # malformed: 400, nothing sent
@@ -43,7 +49,7 @@ async def _create_or_remix(request: Request, *, remix: bool) -> Response:
     multipart = ctype == b"multipart/form-data"
     replace: frozenset[bytes] = frozenset()
     extra: list[tuple[bytes, bytes]] = []
-    if multipart and route.family == "native" and not remix:
+    if multipart and route.family == "native" and kind is Kind.CREATE:
         # Bifrost's native create parses JSON only; the OpenAI SDK sends multipart.
         limited = Request(request.scope, services.bodies.limited(ex, request.receive))
         body = await to_json_body(limited)
@@ -51,35 +57,49 @@ async def _create_or_remix(request: Request, *, remix: bool) -> Response:
     else:
         body = await services.bodies.read(ex, request.receive)
     doc: dict[str, Any] | None = None
-    # Bifrost parses every non-multipart create/remix body as JSON, whatever its
+    # Bifrost parses every non-multipart create/remix/edit body as JSON, whatever its
     # Content-Type says: so does the proxy, to reject bad bodies before the call.
     if not multipart:
         doc = parse_json_object(body)
         if doc is None:
             raise ProxyError(400, "request body must be a valid JSON object")
-    provider: str | None = None
-    if remix:
+    query = request.scope.get("query_string", b"")
+    provider = model_provider(services, doc.get("model") if doc is not None else None)
+    if kind is Kind.REMIX:
         video = addressed(request, body_allowed=True)[3]
         try:
             await services.owners.check(video, principal, ex.route)
         except ForeignJob as foreign:  # as the upstream answers a remix of no job
             reply = await decoy_call(
                 services, ex, foreign, lambda v: f"{route.prefix}/{v.upstream_segment}/remix",
-                query=request.scope.get("query_string", b""), body=body,
+                query=query, body=body,
             )  # fmt: skip
             return reply_response(ex, reply, services.clock())
         provider = video.provider
         path = f"{route.prefix}/{video.upstream_segment}/remix"
+    elif kind is Kind.EDITS:
+        path = f"{route.prefix}/edits"
+        fields = doc if doc is not None else await edits.form_fields(body, content_type)
+        source = edits.source_video(fields, services.rules)  # malformed: 400, nothing sent
+        if source is not None:
+            video, written = source
+            try:
+                await services.owners.check(video, principal, ex.route)
+            except ForeignJob as foreign:  # as the upstream answers an edit of no job
+                decoyed = edits.with_decoy(body, written, foreign)
+                reply = await decoy_call(
+                    services, ex, foreign, lambda v: path, query=query, body=decoyed
+                )
+                return reply_response(ex, reply, services.clock())
+        if doc is None:
+            provider = model_provider(services, fields.get("model"))
+        provider = provider or (source[0].provider if source else None)
+        provider = provider or edits.named_provider(
+            query, ex.header(b"x-model-provider"), services.rules
+        )
     else:
         path = route.prefix
-        model = doc.get("model") if doc is not None else None
-        if isinstance(model, str) and "/" in model:
-            try:
-                provider = normalize_provider(model.partition("/")[0], services.rules)
-            except InvalidVideoId as exc:
-                raise ProxyError(400, f"model: {exc}", param="model") from None
     ex.provider = provider or ""
-    query = request.scope.get("query_string", b"")
 
     async def upstream() -> Reply:
         reply, answer = await call_json(
@@ -100,6 +120,16 @@ async def _create_or_remix(request: Request, *, remix: bool) -> Response:
     if webhook is not None and 200 <= reply.status < 300 and not replay:
         await follow_new_job(services, ex, route, reply, webhook)
     return reply_response(ex, reply, services.clock())
+
+
+def model_provider(services: Services, model: Any) -> str | None:
+    """The provider a ``provider/model`` name routes to (validated: 400 if bad)."""
+    if not isinstance(model, str) or "/" not in model:
+        return None
+    try:
+        return normalize_provider(model.partition("/")[0], services.rules)
+    except InvalidVideoId as exc:
+        raise ProxyError(400, f"model: {exc}", param="model") from None
 
 
 async def follow_new_job(

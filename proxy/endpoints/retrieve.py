@@ -64,7 +64,8 @@ async def long_poll(
     services: Services, lookup: Lookup, reply: Reply, applied: float, receive: Receive
 ) -> Response:
     """The same job JSON a retrieve returns: at once if the job is terminal, else once
-    its status or progress changes, or after ``applied`` seconds with the latest one.
+    it is terminal, or after ``applied`` seconds with the latest snapshot. A status or
+    progress change alone does not end the wait (the SSE stream is for progress).
 
     ``Preference-Applied`` (RFC 7240) only when the wait was honoured: the job was
     waited on, or was already terminal. Errors, and answers given at once for want of
@@ -84,10 +85,10 @@ async def long_poll(
         with watchers.join(
             lookup.key, lookup.video.provider, lookup.poll, reply, "long_poll"
         ) as watch:
-            changed = asyncio.ensure_future(watch.next_change(state, applied))
+            ended = asyncio.ensure_future(watch.until_terminal(applied))
             gone = asyncio.ensure_future(client_gone(receive))
-            await asyncio.wait({changed, gone}, return_when=asyncio.FIRST_COMPLETED)
-            changed.cancel()
+            await asyncio.wait({ended, gone}, return_when=asyncio.FIRST_COMPLETED)
+            ended.cancel()
             gone.cancel()
             reply = watch.snapshot
         metrics.WAIT_SECONDS.observe(time.perf_counter() - started)
@@ -212,7 +213,7 @@ class Lookup:
         decision = decide(
             reply.status, doc, len(reply.body), now, services.limits, directives, reply.headers
         )
-        if decision is not None and doc is not None and not self.query:
+        if decision is not None and doc is not None and not self.query and not reply.drift:
             body = hit_body(doc) if decision.kind is EntryKind.TERMINAL else reply.body
             entry = Entry(
                 self.video.canonical, decision.kind, reply.status, reply.headers, body, now,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from urllib.parse import parse_qsl
 
@@ -16,12 +17,15 @@ from .. import headers as hdr
 from ..decoy import ForeignJob
 from ..errors import ProxyError
 from ..exchange import Exchange, reply_response
-from ..forwarder import decoy_call, forward_headers
+from ..forwarder import decoy_call, forward_headers, video_id
+from ..routes import Kind
 from ..upstream import StreamBroken, Upstream, UpstreamCall
 from .common import addressed, client_gone, context
 
 log = logging.getLogger("proxy")
-VARIANTS = ("video", "thumbnail", "spritesheet")
+# Forwarded as given, as Bifrost does: OpenAI's names are video, thumbnail and
+# spritesheet, Bifrost's own constant is sprite_sheet; new ones need no proxy change.
+VARIANT_RE = re.compile(r"[a-z0-9_]{1,32}")
 _STRIP_FROM_STREAM = frozenset({b"x-request-id"})
 
 
@@ -29,9 +33,12 @@ async def content(request: Request) -> Response:
     services, ex, route, video = addressed(request)
     query = request.scope.get("query_string", b"")
     for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
-        if key == "variant" and value not in VARIANTS:
+        if key == "variant" and not VARIANT_RE.fullmatch(value):
             raise ProxyError(
-                400, "variant must be one of video, thumbnail, spritesheet", param="variant"
+                400,
+                "variant must be 1 to 32 of a-z, 0-9 and _ (e.g. video, thumbnail, "
+                "spritesheet, sprite_sheet)",
+                param="variant",
             )
     try:
         await services.owners.check(video, services.owners.principal(ex.headers), ex.route)
@@ -49,7 +56,19 @@ async def content(request: Request) -> Response:
 
 
 async def passthrough(request: Request) -> Response:
-    services, ex, _ = context(request)
+    """Any other route under ``/v1/`` and ``/openai/``, streamed both ways. Under
+    ``…/videos`` an id after ``videos`` is validated (400) and ownership-checked (404)
+    first, and sent in its canonical form."""
+    services, ex, route = context(request)
+    path = ex.raw_path
+    if route.kind is Kind.VIDEO_PASSTHROUGH:
+        path = route.prefix + route.rest
+        if route.id_segment is not None:
+            video = video_id(services, route.id_segment)
+            ex.provider = video.provider
+            principal = services.owners.principal(ex.headers)
+            await services.owners.check(video, principal, ex.route)  # foreign: the 404
+            path = f"{route.prefix}/{video.upstream_segment}{route.rest}"
     bodies = services.bodies
     bodies.check_declared(ex)
     declared = ex.header(b"content-length")
@@ -66,7 +85,7 @@ async def passthrough(request: Request) -> Response:
     else:
         body_done.set()
     call = UpstreamCall(
-        ex.method, ex.raw_path, request.scope.get("query_string", b""), headers, content,
+        ex.method, path, request.scope.get("query_string", b""), headers, content,
         streaming=True, route=ex.route,
     )  # fmt: skip
     return UpstreamStream(services.upstream, ex, call, body_done, failure)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import random
+import string
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -31,7 +33,11 @@ CREDENTIAL_HEADERS = (
     "x-bf-api-key-id",
 )  # fmt: skip
 EXPIRING_PROVIDERS = {"openai", "azure"}
-VARIANT_TYPES = {"video": "video/mp4", "thumbnail": "image/webp", "spritesheet": "image/jpeg"}
+DEFAULT_MODEL = "gemini/veo-3.1-fast-generate-001"
+VARIANT_TYPES = {
+    "video": "video/mp4", "thumbnail": "image/webp", "spritesheet": "image/jpeg",
+    "sprite_sheet": "image/jpeg",  # Bifrost's own name for it
+}  # fmt: skip
 ALL_METHODS = ["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"]
 
 
@@ -58,6 +64,7 @@ class Job:
     size: str = "1280x720"
     remixed_from: str | None = None
     fail: bool = False
+    filtered: bool = False  # Gemini's RAI filter: failed, error.code content_filtered
 
     @property
     def combined(self) -> str:
@@ -129,13 +136,44 @@ def _owner(request: Request) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _new_native(provider: str) -> str:
-    token = random.randbytes(12).hex()
-    if provider in ("gemini", "vertex"):
-        return f"models/veo-3.0-generate-001/operations/{token}"
-    if provider == "runway":
-        return f"task_{token}"
-    return f"video_{token}"
+def _new_native(provider: str, model: str) -> str:
+    """A native id of the provider's real shape."""
+    name = model.partition("/")[2] or "veo-3.1-fast-generate-001"
+    if provider == "gemini":
+        return f"models/{name}/operations/{random.randbytes(8).hex()}"
+    if provider == "vertex":
+        return (
+            f"projects/sim-project/locations/us-central1/publishers/google/models/{name}"
+            f"/operations/{random.getrandbits(63)}"
+        )
+    if provider in ("runway", "runware"):
+        return str(uuid.UUID(bytes=random.randbytes(16), version=4))
+    if provider == "replicate":
+        return "".join(random.choices(string.ascii_lowercase + string.digits, k=26))
+    return f"video_{random.randbytes(12).hex()}"
+
+
+# What each live provider's video implementation supports in Bifrost (others: all).
+UNSUPPORTED: dict[str, frozenset[str]] = {
+    "runway": frozenset({"list", "remix", "edit"}),
+    "runware": frozenset({"list", "remix", "delete"}),
+    "gemini": frozenset({"edit"}),
+    "vertex": frozenset({"edit"}),
+    "replicate": frozenset({"edit"}),
+}
+
+
+def _unsupported(operation: str, provider: str) -> Response | None:
+    if operation not in UNSUPPORTED.get(provider, frozenset()):
+        return None
+    body = {
+        "is_bifrost_error": True,
+        "status_code": 400,
+        "error": {"type": "unsupported_operation",
+                  "message": f"video {operation} is not supported by {provider} provider"},
+        "extra_fields": {"provider": provider},
+    }  # fmt: skip
+    return Response(orjson.dumps(body), 400, media_type="application/json")
 
 
 def parse_id(raw: str) -> tuple[str, str] | Response:
@@ -191,13 +229,19 @@ class Simulator:
             obj["completed_at"] = completed
             if job.provider in EXPIRING_PROVIDERS and status == "completed":
                 obj["expires_at"] = int(completed + cfg.expires_after_seconds)
-            if status == "failed":
+            if status == "failed" and job.filtered:
+                obj["error"] = {"code": "content_filtered", "message": "blocked by the filter"}
+                obj["content_filter"] = {"filtered_count": 1, "reasons": ["simulated RAI"]}
+            elif status == "failed":
                 obj["error"] = {"code": "generation_failed", "message": "simulated failure"}
             elif not listing:
-                obj["videos"] = [
-                    {"type": "video", "url": f"https://videos.example/{job.native}.mp4",
-                     "content_type": "video/mp4"}
-                ]  # fmt: skip
+                video = {"type": "video", "url": f"https://videos.example/{job.native}.mp4",
+                         "content_type": "video/mp4"}  # fmt: skip
+                if job.provider == "runware":
+                    video["id"] = job.native
+                obj["videos"] = [video]
+            if job.provider == "runware" and status == "completed":
+                obj["usage"] = {"cost": round(0.0125 * int(job.seconds or 4), 4)}
         obj["extra_fields"] = {
             "request_type": "video_retrieve",
             "provider": job.provider,
@@ -252,12 +296,16 @@ class Simulator:
             return await self.create(request, family)
         if not parts and method == "GET":
             return self.list(request, family)
+        if parts == ["edits"] and method == "POST":
+            return await self.edit(request)
         if len(parts) == 1 and method in ("GET", "DELETE"):
             job = self.find(request, parts[0])
             if isinstance(job, Response):
                 return job
             if method == "GET":
                 return _json(self.view(job))
+            if (refused := _unsupported("delete", job.provider)) is not None:
+                return refused
             del st.jobs[(job.native, job.provider)]
             st.order.remove((job.native, job.provider))
             return _json(
@@ -279,11 +327,12 @@ class Simulator:
         )  # fmt: skip
 
     def _add(self, request: Request, fields: dict[str, Any], remixed_from: str | None) -> Job:
-        model = str(fields.get("model") or "openai/sora-2")
+        model = str(fields.get("model") or DEFAULT_MODEL)
+        # A model without a provider prefix is OpenAI's, as on Bifrost's OpenAI route.
         provider = model.partition("/")[0] if "/" in model else "openai"
         prompt = str(fields["prompt"])
         job = Job(
-            native=_new_native(provider),
+            native=_new_native(provider, model),
             provider=provider,
             owner=_owner(request),
             model=model,
@@ -292,7 +341,8 @@ class Simulator:
             seconds=str(fields.get("seconds") or "4"),
             size=str(fields.get("size") or "1280x720"),
             remixed_from=remixed_from,
-            fail="fail" in prompt.lower(),
+            fail="fail" in prompt.lower() or "unsafe" in prompt.lower(),
+            filtered=provider in ("gemini", "vertex") and "unsafe" in prompt.lower(),
         )
         key = (job.native, job.provider)
         self.state.jobs[key] = job
@@ -339,6 +389,8 @@ class Simulator:
         source = self.find(request, raw)
         if isinstance(source, Response):
             return source
+        if (refused := _unsupported("remix", source.provider)) is not None:
+            return refused
         try:
             fields = orjson.loads(await request.body())
         except orjson.JSONDecodeError:
@@ -348,6 +400,49 @@ class Simulator:
         job = self._add(
             request, {"model": source.model, "prompt": fields["prompt"]}, source.combined
         )
+        return _json(self.view(job))
+
+    async def edit(self, request: Request) -> Response:
+        """Bifrost's edits route: JSON or multipart, the source by ``video.id``."""
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form()
+            fields: dict[str, Any] = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+            if "video[id]" in fields:
+                fields["video"] = {"id": fields.pop("video[id]")}
+            elif "video" in form:
+                fields["video"] = {"url": "uploaded"}
+        else:
+            try:
+                fields = orjson.loads(await request.body())
+            except orjson.JSONDecodeError:
+                return _error(400, "failed to parse request body: invalid JSON")
+            if not isinstance(fields, dict):
+                return _error(400, "request body must be a JSON object")
+        if not fields.get("prompt"):
+            return _error(400, "prompt is required")
+        video = fields.get("video")
+        source_id = video.get("id") if isinstance(video, dict) else None
+        source: Job | None = None
+        if isinstance(source_id, str):
+            found = self.find(request, quote(source_id, safe="$&+:=@%"))
+            if isinstance(found, Response):
+                return found
+            source = found
+        elif not (isinstance(video, dict) and video.get("url")):
+            return _error(400, "video is required: an id or a url")
+        model = fields.get("model")
+        provider = (
+            model.partition("/")[0] if isinstance(model, str) and "/" in model
+            else source.provider if source is not None
+            else request.query_params.get("provider") or request.headers.get("x-model-provider")
+        )  # fmt: skip
+        if not provider:
+            return _error(400, "provider is required")
+        if (refused := _unsupported("edit", provider)) is not None:
+            return refused
+        if not (isinstance(model, str) and "/" in model):
+            model = source.model if source is not None else f"{provider}/edit"
+        job = self._add(request, {"model": model, "prompt": fields["prompt"]}, None)
         return _json(self.view(job))
 
     def list(self, request: Request, family: str) -> Response:
@@ -362,6 +457,8 @@ class Simulator:
             limit = int((query.get("limit") or ["20"])[0])
         except ValueError:
             return _error(400, "limit must be an integer")
+        if (refused := _unsupported("list", provider)) is not None:
+            return refused
         order = (query.get("order") or ["desc"])[0]
         owner = _owner(request)
         keys = [k for k in self.state.order if k[1] == provider]
