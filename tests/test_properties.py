@@ -148,12 +148,12 @@ def test_random_requests_never_5xx_and_never_leave_the_video_routes(
         segments = sent.split("/")
         assert ".." not in [unquote(unquote(s)) for s in segments]
         if sent.startswith(("/v1/videos/", "/openai/v1/videos/")):
-            video_target_shape(sent)
+            video_target_shape(sent, method)
     if proxied and path.split("?")[0].startswith(("/v1/videos", "/openai/v1/videos")):
         assert len(recorder.paths) == 1  # forwarded once
 
 
-def video_target_shape(target: str) -> bool:
+def video_target_shape(target: str, method: str = "GET") -> bool:
     """Check a target the proxy sent under ``…/videos``: a segment after ``videos`` that
     holds a ``:`` (however encoded) is a valid id in its canonical form, never an
     unvalidated one; any other is a literal route name. True for the operations the
@@ -166,7 +166,8 @@ def video_target_shape(target: str) -> bool:
         return False  # a literal route (edits, characters, …): Bifrost's to answer
     video = parse_segment(tail[0], IdRules())
     assert tail[0] == video.upstream_segment, target
-    return len(tail) <= 2 and tail[1:] in ([], ["content"], ["remix"])
+    known = {("GET", ()), ("DELETE", ()), ("GET", ("content",)), ("POST", ("remix",))}
+    return (method, tuple(tail[1:])) in known
 
 
 ACTIONS = st.lists(
