@@ -71,7 +71,7 @@ class HitMemo:
         self.identity = identity
         self.slots: dict[tuple[bytes, bytes], HotHit] = {}
         self.hits = metrics.HitRecorder(HIT_ROUTES)
-        self.lines: list[tuple[float, HotHit, float, str]] = []
+        self.lines: list[HitLine] = []
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -130,18 +130,23 @@ class HitMemo:
             self.lines.append((time.time(), hot, seconds, rid))
         return True
 
-    def flush(self) -> list[dict[str, Any]]:
-        """Move hit counts into the metrics; the buffered access rows of hits."""
-        self.hits.flush()
+    def take_lines(self) -> list[HitLine]:
+        """The buffered access lines of hits, raw (their counts go to ``hits.flush``)."""
         lines, self.lines = self.lines, []
-        return [
-            {
-                "created": created, "method": "GET", "route": HIT_ROUTES[hot.route],
-                "status": 200, "duration_ms": round(seconds * 1000, 3), "cache": "HIT",
-                "upstream_ms": None, "request_id": rid, "provider": hot.provider,
-            }
-            for created, hot, seconds, rid in lines
-        ]  # fmt: skip
+        return lines
+
+
+HitLine = tuple[float, HotHit, float, str]  # (wall time, the hit, seconds, request id)
+
+
+def hit_row(line: HitLine) -> dict[str, Any]:
+    """A hit's access row, as the access log writes it (made while formatting)."""
+    created, hot, seconds, rid = line
+    return {
+        "created": created, "method": "GET", "route": HIT_ROUTES[hot.route],
+        "status": 200, "duration_ms": round(seconds * 1000, 3), "cache": "HIT",
+        "upstream_ms": None, "request_id": rid, "provider": hot.provider,
+    }  # fmt: skip
 
 
 class HotPathMiddleware:

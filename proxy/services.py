@@ -23,8 +23,9 @@ from .coalesce import SingleFlight
 from .contract import Drift
 from .exchange import Reply
 from .follows import MemoryFollows, RedisFollows, Sealer
+from .gctune import SettledCollector
 from .hoststate import HostRecords, HostStatuses
-from .hotpath import HitMemo
+from .hotpath import HitMemo, hit_row
 from .idempotency import Idempotency
 from .ids import IdRules
 from .ownership import Ownership
@@ -48,6 +49,7 @@ class Services:
     upstream: Upstream
     cache: CacheStore
     loop: asyncio.AbstractEventLoop
+    access_writer: logs.AccessWriter
 
     def __init__(
         self,
@@ -130,19 +132,24 @@ class Services:
             self.idempotency.local = self.owners.store
         swap = getattr(self.cache, "swap_status", None)
         self.tracker = StatusTracker(swap=swap or (host.swap if host else None))
+        self.access_writer = logs.AccessWriter()
         flusher = asyncio.ensure_future(self._flush_loop())
         listener = asyncio.ensure_future(self.cache.listen(self.watchers.stored))
         redis = getattr(self.cache, "client", None)
         follows = RedisFollows(redis) if redis is not None else MemoryFollows()
         self.webhooks.start(follows, Sealer(self.secret, self.owners.header), self.poll_followed)
+        collector = SettledCollector()
+        collector.settle()  # start-up is over: see gctune
         try:
             yield self
         finally:
+            collector.restore()
             flusher.cancel()
             listener.cancel()
             await self.watchers.aclose()
             await self.webhooks.aclose()
             self.flush()
+            self.access_writer.close()
             await self.upstream.aclose()
             await self.cache.aclose()
             if host is not None:
@@ -154,7 +161,10 @@ class Services:
         ticks = 0
         while True:
             await asyncio.sleep(FLUSH_SECONDS)
-            self.flush()
+            self.flush_metrics()
+            rows, self.access_rows = self.access_rows, []
+            await self.access_writer.write(rows, dict)
+            await self.access_writer.write(self.hot.take_lines(), hit_row)
             try:  # records held while the shared store was down
                 await self.owners.flush_backlog()
                 await self.idempotency.flush_backlog()
@@ -171,10 +181,15 @@ class Services:
         metrics.CACHE_ENTRIES.set(entries)
         metrics.CACHE_BYTES.set(size)
 
+    def flush_metrics(self) -> None:
+        """Move fast-path hit counts into the metrics (periodically, before a scrape)."""
+        self.hot.hits.flush()
+
     def flush(self) -> None:
-        """Move fast-path hit counts into the metrics and write buffered access lines."""
+        """Everything buffered, at once (shutdown)."""
+        self.flush_metrics()
         rows, self.access_rows = self.access_rows, []
-        logs.write_access_batch(rows + self.hot.flush())
+        self.access_writer.write_now(rows + [hit_row(line) for line in self.hot.take_lines()])
 
     def poll_followed(self, job: Any, headers: list[tuple[bytes, bytes]]) -> Any:
         """How the webhook follower polls a job (the retrieve endpoint's lookup)."""

@@ -53,7 +53,7 @@ async def metrics_page(request: Request) -> Response:
     services: Services = request.app.state.services
     if services.settings.metrics_port:
         raise ProxyError(404, "metrics are served on metrics_port only")
-    services.flush()
+    services.flush_metrics()
     await services.refresh_cache_stats()
     accept = request.headers.get("accept", "")
     body, content_type = metrics.exposition(accept)

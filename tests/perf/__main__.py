@@ -166,12 +166,17 @@ def wrk(
         cmd += ["-s", str(script)]
     out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
     scale = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+    def percentile(name: str) -> float:
+        found = re.search(name + r"%\s+([\d.]+)(us|ms|s)", out)
+        return float(found.group(1)) * scale[found.group(2)] if found else float("nan")
+
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {
         "rps": rps,
-        "p50_ms": float(p50.group(1)) * scale[p50.group(2)] if p50 else float("nan"),
+        "p50_ms": percentile("50"),
+        "p99_ms": percentile("99"),
         "non2xx": float(errors.group(1)) if errors else 0.0,
     }
 

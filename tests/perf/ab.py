@@ -68,29 +68,28 @@ with nginx(work) as up, contextlib.ExitStack() as stack:
             env=env,
         )
     )
-    res = {k: [] for k in ("bare", "ref", "hit_before", "hit_after", "pt_before", "pt_after")}
+    res: dict[str, list[float]] = {
+        k: []
+        for k in ("bare", "ref", "hit_before", "hit_after", "pt_before", "pt_after",
+                  "hit_p99_before", "hit_p99_after", "pt_p99_before", "pt_p99_after", "ref_p99")
+    }  # fmt: skip
     for _ in range(rounds):
         res["bare"].append(wrk(f"http://127.0.0.1:{bp}/v1/videos/done_hit:openai", secs)["rps"])
         for name in trees:
-            res[f"hit_{name}"].append(
-                wrk(
-                    f"http://127.0.0.1:{ports[name]}/v1/videos/done_hit:openai",
-                    secs,
-                    headers=auth,
-                )["rps"]
+            out = wrk(
+                f"http://127.0.0.1:{ports[name]}/v1/videos/done_hit:openai", secs, headers=auth
             )
-        res["ref"].append(wrk(f"http://127.0.0.1:{rp}/", secs, script=work / "d.lua")["rps"])
+            res[f"hit_{name}"].append(out["rps"])
+            res[f"hit_p99_{name}"].append(out["p99_ms"])
+        ref = wrk(f"http://127.0.0.1:{rp}/", secs, script=work / "d.lua")
+        res["ref"].append(ref["rps"])
+        res["ref_p99"].append(ref["p99_ms"])
         for name in trees:
-            res[f"pt_{name}"].append(
-                wrk(
-                    f"http://127.0.0.1:{ports[name]}/",
-                    secs,
-                    script=work / "d.lua",
-                    headers=auth,
-                )["rps"]
-            )
+            out = wrk(f"http://127.0.0.1:{ports[name]}/", secs, script=work / "d.lua", headers=auth)
+            res[f"pt_{name}"].append(out["rps"])
+            res[f"pt_p99_{name}"].append(out["p99_ms"])
     for k, v in res.items():
-        print(k, [round(x) for x in v])
+        print(k, [round(x, 2) if "p99" in k else round(x) for x in v])
     for name in trees:
         print(
             name,
@@ -108,4 +107,8 @@ with nginx(work) as up, contextlib.ExitStack() as stack:
                 ),
                 2,
             ),
+            "HIT p99 ms",
+            round(statistics.median(res[f"hit_p99_{name}"]), 2),
+            "pass p99 ms",
+            round(statistics.median(res[f"pt_p99_{name}"]), 2),
         )
