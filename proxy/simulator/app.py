@@ -126,6 +126,17 @@ def _error(status: int, message: str, etype: str = "invalid_request_error") -> R
     return Response(orjson.dumps(body), status, media_type="application/json")
 
 
+async def _json_object(request: Request) -> dict[str, Any] | Response:
+    """A JSON object body, or Bifrost's 400 for anything else."""
+    try:
+        fields = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        return _error(400, "failed to parse request body: invalid JSON")
+    if not isinstance(fields, dict):
+        return _error(400, "request body must be a JSON object")
+    return fields
+
+
 def _json(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status, media_type="application/json")
 
@@ -364,12 +375,10 @@ class Simulator:
                     ctype = v.content_type or "application/octet-stream"
                     fields[k] = f"data:{ctype};base64,{base64.b64encode(data).decode()}"
         else:
-            try:
-                fields = orjson.loads(await request.body())
-            except orjson.JSONDecodeError:
-                return _error(400, "failed to parse request body: invalid JSON")
-            if not isinstance(fields, dict):
-                return _error(400, "request body must be a JSON object")
+            parsed = await _json_object(request)
+            if isinstance(parsed, Response):
+                return parsed
+            fields = parsed
             for name, value in fields.items():  # Bifrost decodes into typed Go fields
                 if not isinstance(value, _NATIVE_TYPES.get(name, object)) or (
                     name == "seed" and isinstance(value, bool)
@@ -412,12 +421,10 @@ class Simulator:
             elif "video" in form:
                 fields["video"] = {"url": "uploaded"}
         else:
-            try:
-                fields = orjson.loads(await request.body())
-            except orjson.JSONDecodeError:
-                return _error(400, "failed to parse request body: invalid JSON")
-            if not isinstance(fields, dict):
-                return _error(400, "request body must be a JSON object")
+            parsed = await _json_object(request)
+            if isinstance(parsed, Response):
+                return parsed
+            fields = parsed
         if not fields.get("prompt"):
             return _error(400, "prompt is required")
         video = fields.get("video")
