@@ -1,6 +1,7 @@
 """The Starlette application: its routes table, middleware, lifespan and error handlers.
 
 request ─▶ HotPathMiddleware (outermost, pure ASGI) ─(memoised HIT)─▶ answer
+             │         └─(plain retrieve miss)─▶ front.FrontDispatch ─▶ answer
              │ anything else
              ▼
            Starlette's ServerErrorMiddleware
@@ -31,6 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .endpoints import events, jobs, listing, ops, retrieve, streaming
 from .errors import ProxyError
 from .exchange import EXCHANGE, error_response
+from .front import FrontDispatch
 from .hotpath import HotPathMiddleware
 from .middleware import ObserveMiddleware, RawPathRouting
 from .services import Services
@@ -131,8 +133,13 @@ def create_app(
             yield
             services.draining = True
 
+    # Plain retrieve misses skip the router (see front.py); its table says which routes.
+    front = FrontDispatch(
+        services,
+        (r.path for r in ROUTES if isinstance(r, Route) and r.endpoint is retrieve.retrieve),
+    )
     app = ProxyStarlette(
-        hot_path=HotPathMiddleware(None, services.hot, services.log_access),
+        hot_path=HotPathMiddleware(None, services.hot, services.log_access, front),
         routes=ROUTES,
         middleware=[Middleware(ObserveMiddleware, services=services), Middleware(RawPathRouting)],
         exception_handlers={ProxyError: proxy_error, HTTPException: router_error},
@@ -140,4 +147,5 @@ def create_app(
     )
     app.router.redirect_slashes = False
     app.state.services = services
+    services.front = front
     return app

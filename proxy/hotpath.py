@@ -152,15 +152,24 @@ def hit_row(line: HitLine) -> dict[str, Any]:
 class HotPathMiddleware:
     """Pure ASGI (never BaseHTTPMiddleware): a HIT costs a dict lookup and two sends."""
 
-    def __init__(self, app: ASGIApp | None, memo: HitMemo, log_access: bool) -> None:
+    def __init__(
+        self, app: ASGIApp | None, memo: HitMemo, log_access: bool, front: Any = None
+    ) -> None:
         self.app = app
         self.memo = memo
         self.log_access = log_access
+        self.front = front  # front.FrontDispatch: plain retrieve misses, without routing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET" and self.memo.slots:
-            hot = self.memo.slots.get(hot_key(scope, self.memo.identity))  # type: ignore[arg-type]
-            if hot is not None and await self.memo.send(hot, scope, send, self.log_access):
-                return
+        if scope["type"] == "http" and scope["method"] == "GET":
+            key = hot_key(scope, self.memo.identity)
+            if key is not None:
+                hot = self.memo.slots.get(key)
+                if hot is not None and await self.memo.send(hot, scope, send, self.log_access):
+                    return
+                route = self.front.route_of(scope) if self.front is not None else None
+                if route is not None:
+                    await self.front.retrieve(scope, receive, send, route)
+                    return
         assert self.app is not None  # set when the app builds its middleware stack
         await self.app(scope, receive, send)

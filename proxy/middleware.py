@@ -2,8 +2,9 @@
 
 ``ObserveMiddleware`` opens the request's Exchange, stamps X-Request-ID on every
 answer, turns any unexpected exception into a 502 envelope (never a 500), and records
-metrics and the access line. ``RawPathRouting`` decides the route from the raw path
-and hands the router a canonical path (see its docstring for why).
+metrics and the access line (its pieces serve the front dispatch too, see ``front``).
+``RawPathRouting`` decides the route from the raw path and hands the router a
+canonical path (see its docstring for why).
 """
 
 from __future__ import annotations
@@ -23,6 +24,64 @@ from .services import Services
 log = logging.getLogger("proxy")
 
 
+def open_exchange(scope: Scope) -> Exchange:
+    """The Exchange of a new request (also used by the front dispatch)."""
+    headers = list(scope["headers"])
+    raw = scope.get("raw_path")
+    ex = Exchange(
+        scope["method"], raw.decode("latin-1") if raw else scope["path"],
+        request_id(hdr.get(headers, b"x-request-id")), headers, scope.get("client"),
+        scope.get("scheme", "http"),
+    )  # fmt: skip
+    scope[EXCHANGE] = ex
+    return ex
+
+
+def stamped(ex: Exchange, send: Send) -> Send:
+    """``send`` that records the status and adds X-Request-ID to the answer."""
+    rid = (b"x-request-id", ex.request_id.encode())
+
+    async def observed_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            ex.status, ex.response_started = message["status"], True
+            message["headers"] = [*message.get("headers", ()), rid]
+        await send(message)
+
+    return observed_send
+
+
+async def observed(
+    services: Services, ex: Exchange, scope: Scope, receive: Receive, send: Send, app: ASGIApp
+) -> None:
+    """Run ``app`` for one request: any unexpected exception is a 502 envelope (never a
+    500), and the request is counted and logged once it is over."""
+    metrics.INFLIGHT.inc()
+    try:
+        await app(scope, receive, send)
+    except Exception as exc:
+        if not isinstance(exc, ProxyError):
+            log.exception("unexpected error handling %s %s", ex.method, ex.route)
+            exc = ProxyError(502, "proxy error while handling the request")
+        if not ex.response_started:
+            await error_response(exc, ex)(scope, receive, send)
+    finally:
+        metrics.INFLIGHT.dec()
+        observe(services, ex)
+
+
+def observe(services: Services, ex: Exchange) -> None:
+    elapsed = time.perf_counter() - ex.started
+    metrics.child(metrics.REQUESTS, ex.route, ex.method, str(ex.status)).inc()
+    cache = ex.cache.lower()
+    metrics.child(metrics.REQUEST_DURATION, ex.route, ex.method, cache or "none").observe(elapsed)
+    if cache:
+        metrics.child(metrics.CACHE_REQUESTS, cache).inc()
+        if cache in ("hit", "coalesced"):
+            metrics.CALLS_SAVED.inc()
+    if services.log_access:
+        services.access_rows.append(access_row(ex, elapsed))
+
+
 class ObserveMiddleware:
     def __init__(self, app: ASGIApp, services: Services) -> None:
         self.app = app
@@ -35,48 +94,8 @@ class ObserveMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = list(scope["headers"])
-        raw = scope.get("raw_path")
-        ex = Exchange(
-            scope["method"], raw.decode("latin-1") if raw else scope["path"],
-            request_id(hdr.get(headers, b"x-request-id")), headers, scope.get("client"),
-            scope.get("scheme", "http"),
-        )  # fmt: skip
-        scope[EXCHANGE] = ex
-        rid = (b"x-request-id", ex.request_id.encode())
-
-        async def observed_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                ex.status, ex.response_started = message["status"], True
-                message["headers"] = [*message.get("headers", ()), rid]
-            await send(message)
-
-        metrics.INFLIGHT.inc()
-        try:
-            await self.app(scope, receive, observed_send)
-        except Exception as exc:
-            if not isinstance(exc, ProxyError):
-                log.exception("unexpected error handling %s %s", ex.method, ex.route)
-                exc = ProxyError(502, "proxy error while handling the request")
-            if not ex.response_started:
-                await error_response(exc, ex)(scope, receive, observed_send)
-        finally:
-            metrics.INFLIGHT.dec()
-            self.observe(ex)
-
-    def observe(self, ex: Exchange) -> None:
-        elapsed = time.perf_counter() - ex.started
-        metrics.child(metrics.REQUESTS, ex.route, ex.method, str(ex.status)).inc()
-        cache = ex.cache.lower()
-        metrics.child(metrics.REQUEST_DURATION, ex.route, ex.method, cache or "none").observe(
-            elapsed
-        )
-        if cache:
-            metrics.child(metrics.CACHE_REQUESTS, cache).inc()
-            if cache in ("hit", "coalesced"):
-                metrics.CALLS_SAVED.inc()
-        if self.services.log_access:
-            self.services.access_rows.append(access_row(ex, elapsed))
+        ex = open_exchange(scope)
+        await observed(self.services, ex, scope, receive, stamped(ex, send), self.app)
 
 
 class RawPathRouting:
@@ -102,7 +121,7 @@ class RawPathRouting:
         root = scope.get("root_path", "")
         if root and ex.raw_path.startswith(root):  # mounted: route below the mount point
             ex.raw_path = ex.raw_path[len(root) :]
-        route = classify(ex.method, ex.raw_path)
+        route = scope.get(ROUTE) or classify(ex.method, ex.raw_path)
         ex.route = route.template
         scope[ROUTE] = route
         scope["path"] = root + canonical_path(route, scope["path"][len(root) :])

@@ -50,6 +50,7 @@ class Services:
     cache: CacheStore
     loop: asyncio.AbstractEventLoop
     access_writer: logs.AccessWriter
+    front: Any = None  # the front dispatch (front.FrontDispatch), set by create_app
 
     def __init__(
         self,
