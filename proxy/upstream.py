@@ -71,6 +71,10 @@ class UpstreamResponse:
         """The body as received (no decompression); raises StreamBroken."""
         raise NotImplementedError
 
+    async def read_whole(self, max_bytes: int) -> bytes:
+        """The whole body (at most ``max_bytes``, else a 502); raises StreamBroken."""
+        return await read_raw(self, max_bytes)
+
     async def aclose(self) -> None:
         raise NotImplementedError
 
@@ -85,6 +89,17 @@ class _AiohttpResponse(UpstreamResponse):
         try:
             async for chunk in self._response.content.iter_chunked(READ_CHUNK):
                 yield chunk
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise StreamBroken(error_kind(exc)) from None
+
+    async def read_whole(self, max_bytes: int) -> bytes:
+        # A small answer of a declared length (every JSON answer of Bifrost's) is read
+        # in one call, not chunk by chunk through an async generator.
+        length = self._response.content_length
+        if length is None or length > max_bytes:
+            return await read_raw(self, max_bytes)
+        try:
+            return await self._response.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise StreamBroken(error_kind(exc)) from None
 
@@ -241,14 +256,12 @@ class Upstream:
         """Send and read the whole (raw, undecoded) body within the total timeout."""
         # aiohttp's ClientTimeout(total=…) already bounds the whole exchange; httpx's
         # timeouts are per operation, so bound it here.
-        deadline = self.total_timeout if self._use_httpx else None
         try:
-            async with asyncio.timeout(deadline):
-                response = await self.open(call)
-                try:
-                    body = await read_raw(response, max_bytes)
-                finally:
-                    await response.aclose()
+            if self._use_httpx:
+                async with asyncio.timeout(self.total_timeout):
+                    response, body = await self._open_and_read(call, max_bytes)
+            else:
+                response, body = await self._open_and_read(call, max_bytes)
         except TimeoutError:
             metrics.UPSTREAM_ERRORS.labels(call.route, "timeout").inc()
             raise ProxyError(504, "upstream timed out") from None
@@ -256,6 +269,15 @@ class Upstream:
             metrics.UPSTREAM_ERRORS.labels(call.route, exc.kind).inc()
             raise map_error(exc.kind, exc) from None
         return response, body
+
+    async def _open_and_read(
+        self, call: UpstreamCall, max_bytes: int
+    ) -> tuple[UpstreamResponse, bytes]:
+        response = await self.open(call)
+        try:
+            return response, await response.read_whole(max_bytes)
+        finally:
+            await response.aclose()
 
 
 async def read_raw(response: UpstreamResponse, max_bytes: int) -> bytes:
