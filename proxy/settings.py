@@ -147,7 +147,7 @@ HELP: dict[str, str] = {
     "webhook_timeout_seconds": "Time allowed for one webhook delivery attempt.",
     "webhook_retry_schedule": "Seconds between delivery retries, comma-separated.",
     "webhook_all_jobs": "Follow every job created through the proxy with endpoint 'default'.",
-    "webhook_endpoints": "More endpoints by name: {url, secrets = [whsec_…], events = […]}.",
+    "webhook_endpoints": "More endpoints: {url, secrets = [whsec_…], events = […], tenants = […]}.",
     "idempotency_ttl_seconds": "How long a create's answer is replayed for its Idempotency-Key.",
     "idempotency_max_bytes": "Memory/host store: bytes of idempotency records (never evicted).",
     "idempotency_tenant_share": "Largest share of idempotency_max_bytes one tenant may hold.",
@@ -326,6 +326,7 @@ def validate(s: Settings) -> None:
             raise SettingsError("redis_url: must be a redis://, rediss:// or unix:// URL")
 
 
+SHA256_HEX_RE = re.compile(r"[0-9a-f]{64}")
 HEADER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
 WEBHOOK_EVENTS = frozenset({"video.completed", "video.failed"})
 
@@ -358,9 +359,14 @@ def validate_webhooks(s: Settings) -> None:
         where = f"webhook_endpoints.{name}"
         if not PROVIDER_RE.fullmatch(name) or (name == "default" and s.webhook_url):
             raise SettingsError(f"{where}: a lower-case name, not 'default' with webhook_url")
-        unknown = set(spec) - {"url", "secret", "secrets", "events"}
+        unknown = set(spec) - {"url", "secret", "secrets", "events", "tenants"}
         if unknown:
             raise SettingsError(f"{where}: unknown keys {sorted(unknown)}")
+        tenants = spec.get("tenants", [])
+        if not isinstance(tenants, list) or not all(
+            isinstance(t, str) and SHA256_HEX_RE.fullmatch(t) for t in tenants
+        ):
+            raise SettingsError(f"{where}.tenants: SHA-256 hex digests of credential values")
         _check_webhook_url(f"{where}.url", spec.get("url"))
         secrets = spec.get("secrets", [spec["secret"]] if "secret" in spec else [])
         if not isinstance(secrets, list) or not secrets:

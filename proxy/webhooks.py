@@ -35,7 +35,7 @@ from . import metrics
 from .errors import ProxyError
 from .exchange import Reply
 from .follows import Followed, Follows, MemoryFollows, Sealer
-from .policy import TERMINAL
+from .policy import CREDENTIAL_HEADERS, TERMINAL
 from .rewrite import parse_json_object
 from .settings import WEBHOOK_EVENTS, Settings, retry_schedule
 from .watch import job_state
@@ -53,6 +53,17 @@ class Endpoint:
     url: str
     secrets: tuple[bytes, ...]  # decoded; several during a rotation: each signs
     events: frozenset[str] = WEBHOOK_EVENTS
+    # SHA-256 (hex) of the credential values allowed to name it; empty: any tenant.
+    tenants: frozenset[str] = frozenset()
+
+    def allows(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        if not self.tenants:
+            return True
+        return any(
+            hashlib.sha256(value).hexdigest() in self.tenants
+            for name, value in headers
+            if name in CREDENTIAL_HEADERS
+        )
 
     def __repr__(self) -> str:  # never print the secrets
         return f"Endpoint({self.name!r}, {self.url!r})"
@@ -92,7 +103,7 @@ class Webhooks:
             keys = spec.get("secrets", [spec.get("secret")])
             self.endpoints[name] = Endpoint(
                 name, spec["url"], tuple(decode_secret(k) for k in keys),
-                frozenset(spec.get("events", WEBHOOK_EVENTS)),
+                frozenset(spec.get("events", WEBHOOK_EVENTS)), frozenset(spec.get("tenants", [])),
             )  # fmt: skip
         self.all_jobs = settings.webhook_all_jobs
         self.poll_seconds = settings.webhook_poll_seconds
@@ -109,13 +120,18 @@ class Webhooks:
         # This process's recent events, for the admin routes: (event id, endpoint) -> record.
         self.events: LRUCache[tuple[str, str], dict[str, Any]] = LRUCache(1000)
 
-    def endpoint(self, name: bytes | None) -> Endpoint | None:
+    def endpoint(
+        self, name: bytes | None, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> Endpoint | None:
         """The endpoint a create asks for (``default`` for every create with
-        ``webhook_all_jobs``); a 400, before any upstream call, if unknown."""
+        ``webhook_all_jobs``); a 400, before any upstream call, if unknown, or if the
+        endpoint lists its tenants and this is not one of them (the same answer: an
+        endpoint another app owns is not revealed)."""
         if name is None:
-            return self.endpoints["default"] if self.all_jobs else None
+            default = self.endpoints["default"] if self.all_jobs else None
+            return default if default is not None and default.allows(headers or []) else None
         endpoint = self.endpoints.get(name.decode("latin-1").strip())
-        if endpoint is None:
+        if endpoint is None or not endpoint.allows(headers or []):
             raise ProxyError(400, "X-Proxy-Webhook names no configured webhook endpoint")
         return endpoint
 

@@ -408,3 +408,31 @@ def test_retries_go_on_from_another_replica_when_the_delivering_one_dies(
             wait_until(lambda: followed_in_redis(redis) == 0, what="done once acknowledged")
         assert len({h["webhook-id"] for h, _, _ in receiver.deliveries}) == 1
         assert all(verified(d) for d in receiver.deliveries)
+
+
+def test_an_endpoint_can_be_limited_to_its_tenants(
+    make_proxy: Any, upstream: Upstream, receiver: Receiver
+) -> None:
+    import hashlib
+
+    ops = hashlib.sha256(b"Bearer sk-bf-alice").hexdigest()
+    base = make_proxy(
+        webhook_endpoints={"ops": {"url": receiver.url, "secrets": [SECRET], "tenants": [ops]}},
+        webhook_poll_seconds=0.05,
+    )
+    calls = upstream.calls
+    other = httpx.post(
+        f"{base}/v1/videos",
+        json={"model": "openai/sora-2", "prompt": "x"},
+        headers={"Authorization": "Bearer sk-bf-bob", "X-Proxy-Webhook": "ops"},
+    )
+    assert_envelope(other, 400, "names no configured webhook endpoint")  # as if unknown
+    assert upstream.calls == calls
+    r = httpx.post(
+        f"{base}/v1/videos",
+        json={"model": "openai/sora-2", "prompt": "x"},
+        headers={**ALICE, "X-Proxy-Webhook": "ops"},
+    )
+    assert r.status_code == 200
+    upstream.clock.advance(31)
+    wait_until(lambda: len(receiver.deliveries) == 1, what="the listed tenant's event")

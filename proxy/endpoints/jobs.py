@@ -41,7 +41,8 @@ async def _new_job(request: Request, kind: Kind) -> Response:
     """Create, remix or edit: a request whose answer is a new job (its owner recorded,
     ``Idempotency-Key`` and ``X-Proxy-Webhook`` honoured)."""
     services, ex, route = context(request)
-    webhook = services.webhooks.endpoint(ex.header(HEADER))  # unknown: 400, nothing sent
+    # Unknown (or not this tenant's): 400, nothing sent.
+    webhook = services.webhooks.endpoint(ex.header(HEADER), ex.headers)
     idempotency_key = idempotency.key_of(ex)  # malformed: 400, nothing sent
     principal = services.owners.principal(ex.headers)
     content_type = ex.header(b"content-type") or b""
