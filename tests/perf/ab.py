@@ -15,6 +15,7 @@ import contextlib
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -32,11 +33,11 @@ trees = {"before": args.before, "after": args.after}
 auth = {"Authorization": "Bearer sk-bf-bench"}
 rounds, secs = args.rounds, 4.0
 with nginx(work) as up, contextlib.ExitStack() as stack:
-    ports = {}
+    ports, procs = {}, {}
     for name, tree in trees.items():
         p = free_port()
         ports[name] = p
-        stack.enter_context(
+        procs[name] = stack.enter_context(
             process(
                 proxy_cmd(up, p),
                 f"http://127.0.0.1:{p}/healthz",
@@ -73,23 +74,39 @@ with nginx(work) as up, contextlib.ExitStack() as stack:
         for k in ("bare", "ref", "hit_before", "hit_after", "pt_before", "pt_after",
                   "hit_p99_before", "hit_p99_after", "pt_p99_before", "pt_p99_after", "ref_p99")
     }  # fmt: skip
+    for name in trees:
+        res[f"hit_cpu_us_{name}"], res[f"pt_cpu_us_{name}"] = [], []
+
+    def cpu_us(name: str, run: Any) -> tuple[dict[str, float], float]:
+        """wrk's figures, and the proxy's CPU (user + sys) per request in µs."""
+        before = sum(procs[name].cpu_times()[:2])
+        out = run()
+        used = sum(procs[name].cpu_times()[:2]) - before
+        return out, used / max(out["rps"] * secs, 1) * 1e6
+
     for _ in range(rounds):
         res["bare"].append(wrk(f"http://127.0.0.1:{bp}/v1/videos/done_hit:openai", secs)["rps"])
         for name in trees:
-            out = wrk(
-                f"http://127.0.0.1:{ports[name]}/v1/videos/done_hit:openai", secs, headers=auth
-            )
+            hit_url = f"http://127.0.0.1:{ports[name]}/v1/videos/done_hit:openai"
+            out, cpu = cpu_us(name, lambda u=hit_url: wrk(u, secs, headers=auth))
             res[f"hit_{name}"].append(out["rps"])
             res[f"hit_p99_{name}"].append(out["p99_ms"])
+            res[f"hit_cpu_us_{name}"].append(cpu)
         ref = wrk(f"http://127.0.0.1:{rp}/", secs, script=work / "d.lua")
         res["ref"].append(ref["rps"])
         res["ref_p99"].append(ref["p99_ms"])
         for name in trees:
-            out = wrk(f"http://127.0.0.1:{ports[name]}/", secs, script=work / "d.lua", headers=auth)
+            base = f"http://127.0.0.1:{ports[name]}/"
+            out, cpu = cpu_us(
+                name, lambda u=base: wrk(u, secs, script=work / "d.lua", headers=auth)
+            )
             res[f"pt_{name}"].append(out["rps"])
             res[f"pt_p99_{name}"].append(out["p99_ms"])
+            res[f"pt_cpu_us_{name}"].append(cpu)
     for k, v in res.items():
-        print(k, [round(x, 2) if "p99" in k else round(x) for x in v])
+        print(
+            k, [round(x, 2) if "p99" in k else round(x, 1) if "cpu" in k else round(x) for x in v]
+        )
     for name in trees:
         print(
             name,
@@ -111,4 +128,8 @@ with nginx(work) as up, contextlib.ExitStack() as stack:
             round(statistics.median(res[f"hit_p99_{name}"]), 2),
             "pass p99 ms",
             round(statistics.median(res[f"pt_p99_{name}"]), 2),
+            "CPU µs/hit",
+            round(statistics.median(res[f"hit_cpu_us_{name}"]), 1),
+            "CPU µs/miss",
+            round(statistics.median(res[f"pt_cpu_us_{name}"]), 1),
         )
