@@ -186,7 +186,7 @@ class Idempotency:
             stored = await self.local.put_record(name, value, self.ttl, only_new=claim)
         except RecordsFull as exc:
             raise store_full(str(exc)) from None
-        if not claim:
+        if not claim and self.store is not self.local:  # for the shared store, later
             self.backlog.add(name, value, self.clock() + self.ttl)
         return stored
 

@@ -429,3 +429,12 @@ def test_creates_are_served_while_redis_is_down(upstream: Upstream, tmp_path: An
         redis.stop()
         r = post(a.url, "during")  # not deduplicated across replicas now, but served
         assert r.status_code == 200 and r.json()["id"].endswith(":openai")
+
+
+def test_one_process_keeps_no_backlog_of_records(make_proxy: Any, upstream: Upstream) -> None:
+    """On the memory backend the records are the store: nothing waits to be written."""
+    base = make_proxy()
+    for i in range(20):
+        assert post(base, f"mem-{i}").status_code == 200
+    assert len(base.app.idempotency.backlog) == 0
+    assert post(base, "mem-3").headers["idempotent-replayed"] == "true"
