@@ -54,11 +54,18 @@ with nginx(work) as up, contextlib.ExitStack() as stack:
         "BENCH_UPSTREAM": up,
         "PYTHONPATH": args.after,
     }
-    bp, rp = free_port(), free_port()
+    bp, rp, wp = free_port(), free_port(), free_port()
     stack.enter_context(
         process(
             uvicorn_cmd("tests.perf.baselines:bare", bp, env),
             f"http://127.0.0.1:{bp}/v1/videos/x",
+            env=env,
+        )
+    )
+    stack.enter_context(
+        process(
+            uvicorn_cmd("tests.perf.baselines:raw", wp, env),
+            f"http://127.0.0.1:{wp}/v1/videos/x",
             env=env,
         )
     )
@@ -71,7 +78,7 @@ with nginx(work) as up, contextlib.ExitStack() as stack:
     )
     res: dict[str, list[float]] = {
         k: []
-        for k in ("bare", "ref", "hit_before", "hit_after", "pt_before", "pt_after",
+        for k in ("bare", "raw", "ref", "hit_before", "hit_after", "pt_before", "pt_after",
                   "hit_p99_before", "hit_p99_after", "pt_p99_before", "pt_p99_after", "ref_p99")
     }  # fmt: skip
     for name in trees:
@@ -86,6 +93,7 @@ with nginx(work) as up, contextlib.ExitStack() as stack:
 
     for _ in range(rounds):
         res["bare"].append(wrk(f"http://127.0.0.1:{bp}/v1/videos/done_hit:openai", secs)["rps"])
+        res["raw"].append(wrk(f"http://127.0.0.1:{wp}/v1/videos/done_hit:openai", secs)["rps"])
         for name in trees:
             hit_url = f"http://127.0.0.1:{ports[name]}/v1/videos/done_hit:openai"
             out, cpu = cpu_us(name, lambda u=hit_url: wrk(u, secs, headers=auth))
@@ -114,6 +122,13 @@ with nginx(work) as up, contextlib.ExitStack() as stack:
             round(
                 statistics.median(
                     h / b for h, b in zip(res[f"hit_{name}"], res["bare"], strict=True)
+                ),
+                2,
+            ),
+            "HIT/raw ASGI",
+            round(
+                statistics.median(
+                    h / b for h, b in zip(res[f"hit_{name}"], res["raw"], strict=True)
                 ),
                 2,
             ),

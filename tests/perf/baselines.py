@@ -1,5 +1,6 @@
 """Baselines the benchmark starts itself, served by uvicorn like the proxy.
 
+- ``raw``: a raw ASGI callable returning the same bytes as a cache hit (the floor).
 - ``bare``: a Starlette route returning the same bytes as a cache hit.
 - ``reference``: a minimal Starlette pass-through on aiohttp's client.
 """
@@ -25,6 +26,15 @@ async def hit(request: Request) -> Response:
 
 
 bare = Starlette(routes=[Route("/v1/videos/{video_id}", hit)])
+_RAW_HEADERS = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(BODY))]
+
+
+async def raw(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": _RAW_HEADERS})  # type: ignore[operator]
+    await send({"type": "http.response.body", "body": BODY})  # type: ignore[operator]
+
 
 _session: aiohttp.ClientSession | None = None
 
