@@ -11,6 +11,7 @@ ERROR_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     408: "timeout_error",
+    429: "rate_limit_error",
     413: "invalid_request_error",
     414: "invalid_request_error",
     431: "invalid_request_error",
@@ -57,6 +58,11 @@ class ProxyError(Exception):
 
     def body(self) -> bytes:
         return error_body(self.status, self.message, param=self.param)
+
+
+class NotSent(ProxyError):
+    """Refused before anything was sent upstream (no connection could be made, or a
+    budget limit): a create certainly did not happen, unlike after a timeout."""
 
 
 class UnknownJob(ProxyError):

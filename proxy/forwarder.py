@@ -14,8 +14,10 @@ from .decoy import ForeignJob
 from .errors import ProxyError
 from .exchange import Exchange, Reply
 from .ids import InvalidVideoId, VideoId, parse_segment
+from .policy import TERMINAL
 from .rewrite import canonicalize_ids, dumps, parse_json_object
 from .services import Services
+from .transitions import provider_label
 from .upstream import UpstreamCall, UpstreamResponse
 
 log = logging.getLogger("proxy")
@@ -163,6 +165,9 @@ async def track_statuses(services: Services, doc: dict[str, Any]) -> None:
                 continue
             video, status = item.get("id"), item.get("status")
             if isinstance(video, str) and isinstance(status, str):  # odd JSON: skipped
-                await services.tracker.observe(video, video.rpartition(":")[2], item)
+                provider = video.rpartition(":")[2]
+                await services.tracker.observe(video, provider, item)
+                if status in TERMINAL and services.budget.enabled:
+                    services.budget.ended(video, status, provider_label(provider), item)
     except Exception:  # metrics must never fail a request
         log.exception("status tracking failed")

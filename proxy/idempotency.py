@@ -28,10 +28,9 @@ from . import metrics
 from .cache import MemoryStore
 from .cache.base import IDEMPOTENCY, RecordsFull, RecordStore, RecordsUnavailable
 from .coalesce import SingleFlight
-from .errors import ProxyError
+from .errors import NotSent, ProxyError
 from .exchange import Exchange, Reply
 from .records import Backlog
-from .upstream import UpstreamUnreachable
 
 log = logging.getLogger("proxy.idempotency")
 HEADER = b"idempotency-key"
@@ -247,7 +246,7 @@ class Idempotency:
     ) -> Reply:
         try:
             reply = await call()
-        except UpstreamUnreachable:
+        except NotSent:
             await self._forget(name)  # nothing was sent: a retry may create
             raise
         except BaseException:

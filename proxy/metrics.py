@@ -43,6 +43,24 @@ UPSTREAM_DURATION = Histogram(
     "Time until the upstream's answer headers (whole body for JSON routes).",
     ["route", "method", "status"], buckets=LATENCY_BUCKETS,
 )  # fmt: skip
+BUDGET_REJECTIONS = Counter(
+    "bifrost_proxy_budget_rejections_total",
+    "Creates, remixes and edits refused by a tenant budget limit (429).", ["limit"],
+)  # fmt: skip
+for _limit in ("running_jobs", "video_seconds"):
+    BUDGET_REJECTIONS.labels(_limit)
+RUNNING_JOBS = Gauge(
+    "bifrost_proxy_running_jobs", "Jobs created through the proxy and not yet seen ended.",
+    multiprocess_mode="livemax",  # the host store's count, the same in every worker
+)  # fmt: skip
+VIDEO_SECONDS = Counter(
+    "bifrost_proxy_video_seconds_total", "Seconds of video of jobs that ended, by outcome.",
+    ["provider", "outcome"],
+)  # fmt: skip
+VIDEO_COST = Counter(
+    "bifrost_proxy_video_cost_total", "Provider-reported usage.cost of jobs that ended.",
+    ["provider"],
+)  # fmt: skip
 CONTRACT_VIOLATIONS = Counter(
     "bifrost_proxy_upstream_contract_violations_total",
     "Upstream answers on video routes that broke the documented shape (relayed, uncached).",

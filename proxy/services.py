@@ -18,6 +18,7 @@ import httpx
 
 from . import logs, metrics
 from .bodies import BodyLimits
+from .budget import BudgetGuard
 from .cache import CacheStore, MemoryStore, create_store
 from .coalesce import SingleFlight
 from .contract import Drift
@@ -96,6 +97,7 @@ class Services:
         self.stale = StaleSnapshots(settings.stale_if_error_seconds)
         self.webhooks = Webhooks(settings)
         self.drift = Drift()  # upstream answers that broke the documented shape
+        self.budget = BudgetGuard(settings, clock)  # per-tenant running jobs and seconds
         # Access lines are buffered and written in batches (every FLUSH_SECONDS and at
         # shutdown): the logging machinery per request cost ~10% of a pass-through.
         self.access_rows: list[dict[str, Any]] = []
@@ -129,6 +131,7 @@ class Services:
         )
         self.owners.store = self.idempotency.store = records or self.cache
         self.stale.records = self.owners.store
+        self.budget.open(multiprocess_dir if self.cache.name == "memory" else None)
         if isinstance(self.owners.store, MemoryStore):  # one process: no second copy
             self.idempotency.local = self.owners.store
         swap = getattr(self.cache, "swap_status", None)
@@ -157,6 +160,7 @@ class Services:
                 host.close()
             if records is not None:
                 records.close()
+            self.budget.close()
 
     async def _flush_loop(self) -> None:
         ticks = 0
@@ -181,6 +185,8 @@ class Services:
         entries, size = self.cache.stats()
         metrics.CACHE_ENTRIES.set(entries)
         metrics.CACHE_BYTES.set(size)
+        if self.budget.enabled:
+            metrics.RUNNING_JOBS.set(self.budget.running_jobs())
 
     def flush_metrics(self) -> None:
         """Move fast-path hit counts into the metrics (periodically, before a scrape)."""

@@ -79,6 +79,11 @@ class Settings:
     idempotency_max_bytes: int = 64 * MiB
     idempotency_tenant_share: float = 0.25
     ownership_max_bytes: int = 32 * MiB
+    max_running_jobs_per_tenant: int = 0
+    running_job_max_seconds: float = 3600.0
+    max_video_seconds_per_tenant: float = 0.0
+    budget_window_seconds: float = 86400.0
+    default_video_seconds: float = 8.0
     enforce_job_ownership: bool = True
     job_ownership_strict: bool = False
     ownership_header: str = ""
@@ -152,6 +157,11 @@ HELP: dict[str, str] = {
     "idempotency_max_bytes": "Memory/host store: bytes of idempotency records (never evicted).",
     "idempotency_tenant_share": "Largest share of idempotency_max_bytes one tenant may hold.",
     "ownership_max_bytes": "Memory/host store: bytes of job-ownership records (LRU beyond).",
+    "max_running_jobs_per_tenant": "Most jobs a tenant may have running (not ended); 0: off.",
+    "running_job_max_seconds": "A job stops counting as running this long after its create.",
+    "max_video_seconds_per_tenant": "Most seconds of video a tenant may ask per window; 0: off.",
+    "budget_window_seconds": "The sliding window of max_video_seconds_per_tenant.",
+    "default_video_seconds": "Seconds reserved for a create that names none (then its answer's).",
     "enforce_job_ownership": "Only the tenant that created a job may address it; others get 404.",
     "job_ownership_strict": "Also refuse jobs the proxy has no owner record of (404).",
     "ownership_header": "A header that is part of the owner (e.g. x-end-user-id); empty: off.",
@@ -288,6 +298,7 @@ def validate(s: Settings) -> None:
         "sse_keepalive_seconds", "webhook_poll_seconds", "webhook_follow_max_seconds",
         "webhook_timeout_seconds", "idempotency_ttl_seconds", "idempotency_max_bytes",
         "ownership_max_bytes", "max_waiters_per_tenant", "sse_send_timeout_seconds",
+        "running_job_max_seconds", "budget_window_seconds", "default_video_seconds",
         "max_request_bytes", "max_id_length", "cache_max_bytes",
         "cache_max_entry_bytes", "upstream_max_connections",
     )  # fmt: skip
@@ -296,7 +307,7 @@ def validate(s: Settings) -> None:
             raise SettingsError(f"{name}: must be > 0, got {getattr(s, name)}")
     for name in (
         "poll_coalesce_seconds", "terminal_ttl_seconds", "shutdown_grace_seconds",
-        "stale_if_error_seconds",
+        "stale_if_error_seconds", "max_running_jobs_per_tenant", "max_video_seconds_per_tenant",
     ):  # fmt: skip
         if getattr(s, name) < 0:
             raise SettingsError(f"{name}: must be >= 0, got {getattr(s, name)}")

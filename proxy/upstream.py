@@ -22,7 +22,7 @@ import httpx
 from yarl import URL
 
 from . import metrics
-from .errors import ProxyError
+from .errors import NotSent, ProxyError
 from .settings import Settings
 
 log = logging.getLogger("proxy.upstream")
@@ -41,9 +41,8 @@ class UpstreamCall:
     route: str = "other"  # metric label: the route template
 
 
-class UpstreamUnreachable(ProxyError):
-    """No connection to the upstream could be made: the request was never sent (so a
-    create certainly did not happen, unlike after a timeout)."""
+class UpstreamUnreachable(NotSent):
+    """No connection to the upstream could be made: the request was never sent."""
 
 
 class StreamBroken(Exception):

@@ -283,7 +283,7 @@ def test_alert_rules_pass_promtool() -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout
+    assert "SUCCESS: 10 rules found" in result.stdout
 
 
 def test_every_metric_in_alerts_and_dashboard_is_exposed(proxy_process: ProxyProcess) -> None:

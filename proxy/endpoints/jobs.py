@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from .. import edits, idempotency
 from ..decoy import ForeignJob
-from ..errors import ProxyError
+from ..errors import NotSent, ProxyError
 from ..exchange import JSON_TYPE, Exchange, Reply, reply_response, request_id
 from ..follows import Followed
 from ..forwarder import call_json, decoy_call
@@ -102,13 +102,26 @@ async def _new_job(request: Request, kind: Kind) -> Response:
         path = route.prefix
     ex.provider = provider or ""
 
+    budget = services.budget
+
     async def upstream() -> Reply:
-        reply, answer = await call_json(
-            services, ex, path, provider, query=query, body=body, drop=replace, extra=extra
-        )
-        if 200 <= reply.status < 300:  # before any replay can hand the id out
-            await services.owners.record(answer, principal)
-        return reply
+        # Inside the idempotent call: a replay never reserves again.
+        reservation = budget.reserve(principal, doc) if budget.enabled else None  # or 429
+        try:
+            reply, answer = await call_json(
+                services, ex, path, provider, query=query, body=body, drop=replace, extra=extra
+            )
+        except NotSent:
+            budget.cancel(reservation)  # nothing was sent (a timeout may have created)
+            raise
+        if not 200 <= reply.status < 300:
+            budget.cancel(reservation)  # refused upstream: nothing runs, nothing is spent
+            return reply
+        await services.owners.record(answer, principal)  # before a replay hands the id out
+        job_id = answer.get("id") if answer is not None else None
+        budget.confirm(reservation, job_id if isinstance(job_id, str) else None, answer)
+        limits = budget.headers(reservation)
+        return Reply(reply.status, [*reply.headers, *limits], reply.body) if limits else reply
 
     if idempotency_key is None:
         reply = await upstream()
@@ -178,4 +191,5 @@ async def delete(request: Request) -> Response:
         # Before answering, so the client's next poll cannot hit a stale entry.
         await services.cache.delete_video(video.canonical)
         await services.stale.deleted(video.canonical)
+        services.budget.deleted(video.canonical)
     return reply_response(ex, reply, services.clock())

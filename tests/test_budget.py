@@ -1,0 +1,135 @@
+"""Budget guard (issue 24, part 1), over real sockets: per-tenant running-jobs and
+video-seconds limits, checked before anything is sent upstream."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+from tests.conftest import Upstream
+from tests.servers import run_proxy
+from tests.test_metrics import scrape, value
+from tests.test_proxy_core import ALICE, BOB, assert_envelope
+
+MODEL = "gemini/veo-3.1-fast-generate-001"
+
+
+def post(base: str, headers: dict[str, str] = ALICE, **fields: Any) -> httpx.Response:
+    body = {"model": MODEL, "prompt": "a cat", **fields}
+    return httpx.post(f"{base}/v1/videos", json=body, headers=headers, timeout=30)
+
+
+def creates(upstream: Upstream) -> int:
+    return sum(1 for r in upstream.sim.state.requests if r.method == "POST")
+
+
+def test_the_running_jobs_limit_is_hit_and_freed(make_proxy: Any, upstream: Upstream) -> None:
+    base = make_proxy(max_running_jobs_per_tenant=2, webhook_poll_seconds=2)
+    first, second = post(base), post(base)
+    assert first.headers["ratelimit-policy"] == '"jobs";q=2'
+    assert (first.headers["ratelimit"], second.headers["ratelimit"]) == ('"jobs";r=1', '"jobs";r=0')
+    made = creates(upstream)
+    refused = post(base)
+    assert_envelope(refused, 429, "running video jobs limit reached: 2 of 2")
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert refused.headers["retry-after"] == "2"
+    assert creates(upstream) == made  # nothing sent
+    assert post(base, BOB).status_code == 200  # another tenant has its own limit
+    upstream.clock.advance(31)  # both of Alice's jobs end; a poll sees one of them
+    assert httpx.get(f"{base}/v1/videos/{first.json()['id']}", headers=ALICE).status_code == 200
+    again = post(base)
+    assert again.status_code == 200 and again.headers["ratelimit"] == '"jobs";r=0'
+    # A delete through the proxy frees a slot too; a job stops counting at the deadline.
+    assert httpx.delete(f"{base}/v1/videos/{again.json()['id']}", headers=ALICE).status_code == 200
+    assert post(base).status_code == 200
+    assert post(base).status_code == 429
+
+
+def test_running_jobs_stop_counting_at_the_deadline(make_proxy: Any, upstream: Upstream) -> None:
+    base = make_proxy(max_running_jobs_per_tenant=1, running_job_max_seconds=2)
+    assert post(base).status_code == 200
+    assert post(base).status_code == 429
+    upstream.clock.advance(3)  # nobody polled it: it ends in the count by itself
+    assert post(base).status_code == 200
+
+
+def test_the_seconds_budget_and_what_gives_seconds_back(
+    make_proxy: Any, upstream: Upstream
+) -> None:
+    base = make_proxy(max_video_seconds_per_tenant=12, budget_window_seconds=3600)
+    assert post(base, seconds="8").headers["ratelimit"] == '"video_seconds";r=4'
+    over = post(base, seconds="8")
+    assert_envelope(over, 429, "video seconds budget reached: 8 of 12")
+    assert int(over.headers["retry-after"]) == 3600
+    # A create the upstream refuses gives its seconds back.
+    upstream.sim.state.faults.append(
+        {
+            "status": 400,
+            "body": b'{"error":{"message":"no"}}',
+            "headers": {"content-type": "application/json"},
+        }
+    )
+    assert post(base, seconds="4").status_code == 400
+    # A job that fails gives them back once seen failed.
+    failing = post(base, seconds="4", prompt="please fail").json()["id"]
+    assert post(base, seconds="4").status_code == 429
+    upstream.clock.advance(31)
+    assert httpx.get(f"{base}/v1/videos/{failing}", headers=ALICE).json()["status"] == "failed"
+    assert post(base, seconds="4").status_code == 200
+    # Past the window everything is free again.
+    upstream.clock.advance(3601)
+    assert post(base, seconds="12").status_code == 200
+
+
+def test_a_create_naming_no_seconds_reserves_the_default_then_the_answers(
+    make_proxy: Any, upstream: Upstream
+) -> None:
+    base = make_proxy(max_video_seconds_per_tenant=10, default_video_seconds=8)
+    first = post(base)  # no seconds: 8 reserved; the simulator answers "4"
+    assert first.headers["ratelimit"] == '"video_seconds";r=2'
+    assert post(base, seconds="6").status_code == 200  # 4 + 6 = 10: corrected to the answer
+
+
+def test_an_idempotent_replay_never_counts_twice(make_proxy: Any, upstream: Upstream) -> None:
+    base = make_proxy(max_running_jobs_per_tenant=1)
+    key = {**ALICE, "Idempotency-Key": "budget-1"}
+    first = post(base, key)
+    replay = post(base, key)
+    assert replay.status_code == 200 and replay.headers["idempotent-replayed"] == "true"
+    assert replay.json()["id"] == first.json()["id"]
+    assert post(base).status_code == 429
+
+
+def test_metrics_and_no_headers_without_limits(make_proxy: Any, upstream: Upstream) -> None:
+    plain = make_proxy()
+    assert "ratelimit" not in post(plain).headers
+    base = make_proxy(max_running_jobs_per_tenant=1)
+    job = post(base, prompt="a runware job", model="runware/vidu-q1").json()["id"]
+    assert post(base).status_code == 429
+    upstream.clock.advance(31)
+    httpx.get(f"{base}/v1/videos/{job}", headers=ALICE)
+    httpx.get(f"{base}/v1/videos/{job}", headers=ALICE)  # ended once, counted once
+    m = scrape(base)
+    assert value(m, "bifrost_proxy_budget_rejections_total", limit="running_jobs") >= 1
+    assert (
+        value(m, "bifrost_proxy_video_seconds_total", provider="runware", outcome="completed") == 4
+    )
+    assert value(m, "bifrost_proxy_video_cost_total", provider="runware") == 0.05
+    assert value(m, "bifrost_proxy_running_jobs") == 0
+
+
+def test_two_workers_never_let_a_tenant_past_its_limit(upstream: Upstream, tmp_path: Any) -> None:
+    env = {"PROXY_MAX_RUNNING_JOBS_PER_TENANT": "3", "PROXY_LOG_LEVEL": "warning"}
+    with run_proxy(upstream.url, "--workers", "2", env=env, tmp_path=tmp_path) as proc:
+
+        def one(_: int) -> int:
+            with httpx.Client() as client:  # a fresh connection: either worker
+                body = {"model": MODEL, "prompt": "race"}
+                return client.post(f"{proc.url}/v1/videos", json=body, headers=ALICE).status_code
+
+        with ThreadPoolExecutor(25) as pool:
+            statuses = list(pool.map(one, range(50)))
+    assert statuses.count(200) == 3 and statuses.count(429) == 47
+    assert creates(upstream) == 3
