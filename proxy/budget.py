@@ -8,29 +8,34 @@ webhook follow through it), until it is deleted through the proxy, or until
 given back when the upstream refuses the create or the job fails (failures are priced at
 zero); a DELETE gives nothing back. The tenant is the ownership principal.
 
-Storage: SQLite, in memory for one process, or the host's file shared by ``--workers``
-(one ``BEGIN IMMEDIATE`` transaction per check-and-reserve: exact across workers). Not
-yet: Redis (replicas each count on their own host), background follows of jobs nobody
-polls (they end at ``running_job_max_seconds``), per-tenant overrides, cost metrics.
+Storage: Redis with the Redis backend (one Lua script checks and reserves: exact across
+replicas), else SQLite, in memory for one process or the host's file shared by
+``--workers`` (one ``BEGIN IMMEDIATE`` transaction: exact across workers). Not yet:
+background follows of jobs nobody polls (they end at ``running_job_max_seconds``),
+per-tenant overrides, ``GET /admin/tenants``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+from redis.exceptions import RedisError
 
 from . import metrics
 from .errors import NotSent
 from .settings import Settings
 
 log = logging.getLogger("proxy.budget")
+T = TypeVar("T")
 FILE_NAME = "budget.sqlite"  # in the --workers directory (not *.db: prometheus reads those)
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS running (token TEXT PRIMARY KEY, tenant TEXT NOT NULL, "
@@ -67,6 +72,8 @@ def rate_limited(message: str, retry_after: float) -> NotSent:
 
 
 class BudgetGuard:
+    """The limits, and the store that counts against them (``open`` picks it)."""
+
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.max_running = settings.max_running_jobs_per_tenant
         self.max_seconds = settings.max_video_seconds_per_tenant
@@ -74,153 +81,112 @@ class BudgetGuard:
         self.job_max = settings.running_job_max_seconds
         self.default_seconds = settings.default_video_seconds
         self.retry_running = settings.webhook_poll_seconds
+        self.fail_open = settings.budget_fail_open
+        self.timeout = settings.redis_timeout_seconds
         self.clock = clock
         self.enabled = self.max_running > 0 or self.max_seconds > 0
-        self._db: sqlite3.Connection | None = None
+        self.store: SqlBudget | RedisBudget | None = None
 
-    def open(self, directory: str | None) -> None:
-        """In memory for one process, or the host's file for ``--workers``."""
+    def open(self, directory: str | None, redis: Any = None) -> None:
+        """Redis (shared by replicas), else SQLite: in memory for one process, or the
+        host's file for ``--workers``."""
         if not self.enabled:
             return
-        path = os.path.join(directory, FILE_NAME) if directory else ":memory:"
-        db = sqlite3.connect(path, timeout=5.0, isolation_level=None)
-        if directory:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=OFF")
-        for statement in SCHEMA:
-            db.execute(statement)
-        self._db = db
+        self.store = RedisBudget(redis, self) if redis is not None else SqlBudget(directory, self)
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
+        if isinstance(self.store, SqlBudget):
+            self.store.close()
 
-    def _transaction(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
-        db = self._db
-        assert db is not None
-        db.execute("BEGIN IMMEDIATE")
+    async def _call(self, op: str, work: Callable[[], Awaitable[T]], default: T) -> T:
+        """A store operation; a store that cannot answer is logged and skipped."""
         try:
-            result = work(db)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return result
+            return await asyncio.wait_for(work(), self.timeout * 4)
+        except (RedisError, OSError, TimeoutError, sqlite3.Error) as exc:
+            log.warning("budget store %s failed (%s)", op, type(exc).__name__)
+            return default
 
-    def reserve(self, tenant: str, doc: dict[str, Any] | None) -> Reservation | None:
-        """Check the tenant's limits and reserve a job and its seconds; 429 if over."""
-        if self._db is None:
+    async def reserve(self, tenant: str, doc: dict[str, Any] | None) -> Reservation | None:
+        """Check the tenant's limits and reserve a job and its seconds; 429 if over.
+        If the store cannot answer: forwarded unchecked (``budget_fail_open``, counted)
+        or 503."""
+        if self.store is None:
             return None
         seconds = requested_seconds(doc, self.default_seconds) if self.max_seconds else 0.0
-        token = secrets.token_hex(12)
-        now = self.clock()
-
-        def work(db: sqlite3.Connection) -> Reservation:
-            db.execute("DELETE FROM running WHERE until <= ?", (now,))
-            db.execute("DELETE FROM spent WHERE at <= ?", (now - self.window,))
-            (running,) = db.execute(
-                "SELECT count(*) FROM running WHERE tenant = ?", (tenant,)
-            ).fetchone()
-            (spent,) = db.execute(
-                "SELECT coalesce(sum(seconds), 0) FROM spent WHERE tenant = ?", (tenant,)
-            ).fetchone()
-            if self.max_running and running >= self.max_running:
-                metrics.BUDGET_REJECTIONS.labels("running_jobs").inc()
-                raise rate_limited(
-                    f"running video jobs limit reached: {running} of {self.max_running} "
-                    "running for this tenant; retry when one ends",
-                    self.retry_running,
-                )
-            if self.max_seconds and spent + seconds > self.max_seconds:
-                metrics.BUDGET_REJECTIONS.labels("video_seconds").inc()
-                raise rate_limited(
-                    f"video seconds budget reached: {spent:g} of {self.max_seconds:g} "
-                    f"seconds used in the last {self.window:g} s, {seconds:g} requested",
-                    self._frees_in(db, tenant, spent + seconds - self.max_seconds, now),
-                )
-            if self.max_running:
-                db.execute(
-                    "INSERT INTO running (token, tenant, until) VALUES (?, ?, ?)",
-                    (token, tenant, now + self.job_max),
-                )
-            if self.max_seconds:
-                db.execute(
-                    "INSERT INTO spent (token, tenant, at, seconds) VALUES (?, ?, ?, ?)",
-                    (token, tenant, now, seconds),
-                )
-            return Reservation(token, tenant, running + 1, spent + seconds)
-
-        result: Reservation = self._transaction(work)
-        return result
-
-    def _frees_in(self, db: sqlite3.Connection, tenant: str, excess: float, now: float) -> float:
-        """Seconds until enough of the window's spending expires to fit the request."""
-        freed = 0.0
-        for at, seconds in db.execute(
-            "SELECT at, seconds FROM spent WHERE tenant = ? ORDER BY at", (tenant,)
-        ):
-            freed += seconds
-            if freed >= excess:
-                return max(1.0, float(at) + self.window - now)
-        return self.window
-
-    def confirm(self, reservation: Reservation | None, job_id: str | None, answer: Any) -> None:
-        """The create was accepted: bind the reservation to its job (and its seconds to
-        the answer's own ``seconds`` when the request named none)."""
-        if reservation is None or self._db is None or job_id is None:
-            return
-        seconds = requested_seconds(answer if isinstance(answer, dict) else None, -1.0)
-
-        def work(db: sqlite3.Connection) -> None:
-            db.execute("UPDATE running SET job = ? WHERE token = ?", (job_id, reservation.token))
-            db.execute("UPDATE spent SET job = ? WHERE token = ?", (job_id, reservation.token))
-            if seconds >= 0:
-                db.execute(
-                    "UPDATE spent SET seconds = ? WHERE token = ?", (seconds, reservation.token)
-                )
-
-        self._transaction(work)
-
-    def cancel(self, reservation: Reservation | None) -> None:
-        """The upstream refused the create: nothing runs, nothing is spent."""
-        if reservation is None or self._db is None:
-            return
-        self._transaction(
-            lambda db: (
-                db.execute("DELETE FROM running WHERE token = ?", (reservation.token,)),
-                db.execute("DELETE FROM spent WHERE token = ?", (reservation.token,)),
+        store = self.store
+        try:
+            verdict = await asyncio.wait_for(
+                store.reserve(tenant, secrets.token_hex(12), seconds, self.clock()),
+                self.timeout * 4,
             )
+        except (RedisError, OSError, TimeoutError, sqlite3.Error) as exc:
+            log.warning("budget store unavailable (%s)", type(exc).__name__)
+            if self.fail_open:
+                metrics.BUDGET_UNCHECKED.inc()
+                return None
+            raise NotSent(
+                503, "the budget cannot be checked right now; retry", headers={"retry-after": "1"}
+            ) from None
+        if isinstance(verdict, Reservation):
+            return verdict
+        limit, running, spent, retry = verdict
+        metrics.BUDGET_REJECTIONS.labels(limit).inc()
+        if limit == "running_jobs":
+            raise rate_limited(
+                f"running video jobs limit reached: {running} of {self.max_running} "
+                "running for this tenant; retry when one ends",
+                self.retry_running,
+            )
+        raise rate_limited(
+            f"video seconds budget reached: {spent:g} of {self.max_seconds:g} seconds used "
+            f"in the last {self.window:g} s, {seconds:g} requested",
+            retry,
         )
 
-    def ended(self, job_id: str, status: str, provider: str, job: dict[str, Any]) -> None:
+    async def confirm(
+        self, reservation: Reservation | None, job_id: str | None, answer: Any
+    ) -> None:
+        """The create was accepted: bind the reservation to its job (and its seconds to
+        the answer's own ``seconds``)."""
+        if reservation is None or self.store is None or job_id is None:
+            return
+        seconds = requested_seconds(answer if isinstance(answer, dict) else None, -1.0)
+        store = self.store
+        await self._call("confirm", lambda: store.confirm(reservation, job_id, seconds), None)
+
+    async def cancel(self, reservation: Reservation | None) -> None:
+        """The upstream refused the create: nothing runs, nothing is spent."""
+        if reservation is not None and self.store is not None:
+            store = self.store
+            await self._call("cancel", lambda: store.cancel(reservation), None)
+
+    async def ended(self, job_id: str, status: str, provider: str, job: dict[str, Any]) -> None:
         """A job was seen terminal: it runs no more; a failed one gives its seconds back.
         Its seconds (and ``usage.cost``) are counted once, by whoever ends it first."""
-        if self._db is None:
+        if self.store is None:
             return
+        store = self.store
+        found = await self._call("ended", lambda: store.ended(job_id, status == "failed"), None)
+        if found is None:
+            return
+        seconds = found if found >= 0 else requested_seconds(job, 0.0)
+        metrics.VIDEO_SECONDS.labels(provider, status).inc(seconds)
+        usage = job.get("usage")
+        cost = usage.get("cost") if isinstance(usage, dict) else None
+        if isinstance(cost, (int, float)) and not isinstance(cost, bool) and cost >= 0:
+            metrics.VIDEO_COST.labels(provider).inc(cost)
 
-        def work(db: sqlite3.Connection) -> None:
-            ran = db.execute("DELETE FROM running WHERE job = ?", (job_id,)).rowcount
-            row = db.execute(
-                "SELECT seconds FROM spent WHERE job = ? AND ended = 0", (job_id,)
-            ).fetchone()
-            db.execute("UPDATE spent SET ended = 1 WHERE job = ?", (job_id,))
-            if status == "failed":
-                db.execute("DELETE FROM spent WHERE job = ?", (job_id,))
-            if not (ran or row):
-                return  # not counted here, or already ended
-            seconds = row[0] if row else requested_seconds(job, 0.0)
-            metrics.VIDEO_SECONDS.labels(provider, status).inc(seconds)
-            usage = job.get("usage")
-            cost = usage.get("cost") if isinstance(usage, dict) else None
-            if isinstance(cost, (int, float)) and not isinstance(cost, bool) and cost >= 0:
-                metrics.VIDEO_COST.labels(provider).inc(cost)
-
-        self._transaction(work)
-
-    def deleted(self, job_id: str) -> None:
+    async def deleted(self, job_id: str) -> None:
         """Deleted through the proxy: it runs no more (its seconds may have been billed)."""
-        if self._db is not None:
-            self._transaction(lambda db: db.execute("DELETE FROM running WHERE job = ?", (job_id,)))
+        if self.store is not None:
+            store = self.store
+            await self._call("deleted", lambda: store.deleted(job_id), None)
+
+    async def running_jobs(self) -> int:
+        if self.store is None:
+            return 0
+        store = self.store
+        return await self._call("count", lambda: store.running_jobs(self.clock()), 0)
 
     def headers(self, reservation: Reservation | None) -> list[tuple[bytes, bytes]]:
         """IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers, structured form):
@@ -240,10 +206,231 @@ class BudgetGuard:
             (b"ratelimit", ", ".join(remaining).encode()),
         ]
 
-    def running_jobs(self) -> int:
-        if self._db is None:
-            return 0
+
+Verdict = Reservation | tuple[str, int, float, float]  # or (limit, running, spent, retry)
+
+
+class SqlBudget:
+    """The counts in SQLite; each operation one ``BEGIN IMMEDIATE`` transaction."""
+
+    def __init__(self, directory: str | None, guard: BudgetGuard) -> None:
+        self.guard = guard
+        path = os.path.join(directory, FILE_NAME) if directory else ":memory:"
+        db = sqlite3.connect(path, timeout=5.0, isolation_level=None)
+        if directory:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=OFF")
+        for statement in SCHEMA:
+            db.execute(statement)
+        self._db = db
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(db)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return result
+
+    async def reserve(self, tenant: str, token: str, seconds: float, now: float) -> Verdict:
+        g = self.guard
+
+        def work(db: sqlite3.Connection) -> Verdict:
+            db.execute("DELETE FROM running WHERE until <= ?", (now,))
+            db.execute("DELETE FROM spent WHERE at <= ?", (now - g.window,))
+            (running,) = db.execute(
+                "SELECT count(*) FROM running WHERE tenant = ?", (tenant,)
+            ).fetchone()
+            (spent,) = db.execute(
+                "SELECT coalesce(sum(seconds), 0) FROM spent WHERE tenant = ?", (tenant,)
+            ).fetchone()
+            if g.max_running and running >= g.max_running:
+                return ("running_jobs", running, spent, g.retry_running)
+            if g.max_seconds and spent + seconds > g.max_seconds:
+                excess = spent + seconds - g.max_seconds
+                freed, retry = 0.0, g.window
+                for at, amount in db.execute(
+                    "SELECT at, seconds FROM spent WHERE tenant = ? ORDER BY at", (tenant,)
+                ):
+                    freed += amount
+                    if freed >= excess:
+                        retry = max(1.0, float(at) + g.window - now)
+                        break
+                return ("video_seconds", running, spent, retry)
+            if g.max_running:
+                db.execute(
+                    "INSERT INTO running (token, tenant, until) VALUES (?, ?, ?)",
+                    (token, tenant, now + g.job_max),
+                )
+            if g.max_seconds:
+                db.execute(
+                    "INSERT INTO spent (token, tenant, at, seconds) VALUES (?, ?, ?, ?)",
+                    (token, tenant, now, seconds),
+                )
+            return Reservation(token, tenant, running + 1, spent + seconds)
+
+        verdict: Verdict = self._transaction(work)
+        return verdict
+
+    async def confirm(self, reservation: Reservation, job_id: str, seconds: float) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE running SET job = ? WHERE token = ?", (job_id, reservation.token))
+            db.execute("UPDATE spent SET job = ? WHERE token = ?", (job_id, reservation.token))
+            if seconds >= 0:
+                db.execute(
+                    "UPDATE spent SET seconds = ? WHERE token = ?", (seconds, reservation.token)
+                )
+
+        self._transaction(work)
+
+    async def cancel(self, reservation: Reservation) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM running WHERE token = ?", (reservation.token,))
+            db.execute("DELETE FROM spent WHERE token = ?", (reservation.token,))
+
+        self._transaction(work)
+
+    async def ended(self, job_id: str, failed: bool) -> float | None:
+        """The job's seconds (-1: unknown) if this call ended it, else None."""
+
+        def work(db: sqlite3.Connection) -> float | None:
+            ran = db.execute("DELETE FROM running WHERE job = ?", (job_id,)).rowcount
+            row = db.execute(
+                "SELECT seconds FROM spent WHERE job = ? AND ended = 0", (job_id,)
+            ).fetchone()
+            db.execute("UPDATE spent SET ended = 1 WHERE job = ?", (job_id,))
+            if failed:
+                db.execute("DELETE FROM spent WHERE job = ?", (job_id,))
+            if not (ran or row):
+                return None
+            return float(row[0]) if row else -1.0
+
+        result: float | None = self._transaction(work)
+        return result
+
+    async def deleted(self, job_id: str) -> None:
+        self._transaction(lambda db: db.execute("DELETE FROM running WHERE job = ?", (job_id,)))
+
+    async def running_jobs(self, now: float) -> int:
         (count,) = self._db.execute(
-            "SELECT count(*) FROM running WHERE until > ?", (self.clock(),)
+            "SELECT count(*) FROM running WHERE until > ?", (now,)
         ).fetchone()
         return int(count)
+
+
+PREFIX = "bvp:b:"
+_RESERVE = """
+local now, window, job_max = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local max_running, max_seconds = tonumber(ARGV[4]), tonumber(ARGV[5])
+local seconds, token = tonumber(ARGV[6]), ARGV[7]
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - window)) do
+  redis.call('HDEL', KEYS[3], t)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+local running = redis.call('ZCARD', KEYS[1])
+local spent = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[3])) do spent = spent + tonumber(v) end
+if max_running > 0 and running >= max_running then
+  return {'running_jobs', running, tostring(spent), '0'}
+end
+if max_seconds > 0 and spent + seconds > max_seconds then
+  local excess, freed, retry = spent + seconds - max_seconds, 0, window
+  local items = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  for i = 1, #items, 2 do
+    freed = freed + tonumber(redis.call('HGET', KEYS[3], items[i]) or '0')
+    if freed >= excess then retry = tonumber(items[i + 1]) + window - now; break end
+  end
+  return {'video_seconds', running, tostring(spent), tostring(retry)}
+end
+if max_running > 0 then
+  redis.call('ZADD', KEYS[1], now + job_max, token)
+  redis.call('PEXPIRE', KEYS[1], math.ceil(job_max * 1000))
+end
+if max_seconds > 0 then
+  redis.call('ZADD', KEYS[2], now, token)
+  redis.call('HSET', KEYS[3], token, tostring(seconds))
+  redis.call('PEXPIRE', KEYS[2], math.ceil(window * 1000))
+  redis.call('PEXPIRE', KEYS[3], math.ceil(window * 1000))
+end
+return {'ok', running + 1, tostring(spent + seconds), '0'}
+"""
+_ENDED = """
+local bound = redis.call('GET', KEYS[1])
+if not bound then return false end
+local tenant, token = string.match(bound, '^(.-)|(.*)$')
+redis.call('DEL', KEYS[1])
+local run = ARGV[1] .. 'run:' .. tenant
+local sec = ARGV[1] .. 'sec:' .. tenant
+local secv = ARGV[1] .. 'secv:' .. tenant
+redis.call('ZREM', run, token)
+local seconds = redis.call('HGET', secv, token) or '-1'
+if ARGV[2] == '1' then
+  redis.call('ZREM', sec, token)
+  redis.call('HDEL', secv, token)
+end
+return seconds
+"""
+
+
+class RedisBudget:
+    """The counts in Redis, shared by replicas: one Lua script checks and reserves
+    atomically, so replicas racing creates never let a tenant past its limit."""
+
+    def __init__(self, redis: Any, guard: BudgetGuard) -> None:
+        self.redis, self.guard = redis, guard
+
+    @staticmethod
+    def _keys(tenant: str) -> list[str]:
+        return [f"{PREFIX}run:{tenant}", f"{PREFIX}sec:{tenant}", f"{PREFIX}secv:{tenant}"]
+
+    async def reserve(self, tenant: str, token: str, seconds: float, now: float) -> Verdict:
+        g = self.guard
+        kind, running, spent, retry = await self.redis.eval(
+            _RESERVE, 3, *self._keys(tenant), now, g.window, g.job_max, g.max_running,
+            g.max_seconds, seconds, token,
+        )  # fmt: skip
+        kind = kind.decode() if isinstance(kind, bytes) else kind
+        if kind == "ok":
+            return Reservation(token, tenant, int(running), float(spent))
+        return (kind, int(running), float(spent), max(1.0, float(retry)))
+
+    async def confirm(self, reservation: Reservation, job_id: str, seconds: float) -> None:
+        ttl = int(max(self.guard.job_max, self.guard.window) * 1000)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(f"{PREFIX}job:{job_id}", f"{reservation.tenant}|{reservation.token}", px=ttl)
+            if seconds >= 0 and self.guard.max_seconds:
+                pipe.hset(f"{PREFIX}secv:{reservation.tenant}", reservation.token, seconds)
+            await pipe.execute()
+
+    async def cancel(self, reservation: Reservation) -> None:
+        run, sec, secv = self._keys(reservation.tenant)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(run, reservation.token)
+            pipe.zrem(sec, reservation.token)
+            pipe.hdel(secv, reservation.token)
+            await pipe.execute()
+
+    async def ended(self, job_id: str, failed: bool) -> float | None:
+        found = await self.redis.eval(
+            _ENDED, 1, f"{PREFIX}job:{job_id}", PREFIX, "1" if failed else "0"
+        )
+        return None if found is None else float(found)
+
+    async def deleted(self, job_id: str) -> None:
+        bound = await self.redis.get(f"{PREFIX}job:{job_id}")
+        if bound:
+            tenant, _, token = bound.decode().partition("|")
+            await self.redis.zrem(f"{PREFIX}run:{tenant}", token)
+
+    async def running_jobs(self, now: float) -> int:
+        total = 0
+        async for name in self.redis.scan_iter(match=PREFIX + "run:*", count=500):
+            total += int(await self.redis.zcount(name, f"({now}", "+inf"))
+        return total

@@ -168,6 +168,6 @@ async def track_statuses(services: Services, doc: dict[str, Any]) -> None:
                 provider = video.rpartition(":")[2]
                 await services.tracker.observe(video, provider, item)
                 if status in TERMINAL and services.budget.enabled:
-                    services.budget.ended(video, status, provider_label(provider), item)
+                    await services.budget.ended(video, status, provider_label(provider), item)
     except Exception:  # metrics must never fail a request
         log.exception("status tracking failed")

@@ -49,6 +49,10 @@ BUDGET_REJECTIONS = Counter(
 )  # fmt: skip
 for _limit in ("running_jobs", "video_seconds"):
     BUDGET_REJECTIONS.labels(_limit)
+BUDGET_UNCHECKED = Counter(
+    "bifrost_proxy_budget_unchecked_total",
+    "Creates forwarded without a budget check because its store could not answer.",
+)
 RUNNING_JOBS = Gauge(
     "bifrost_proxy_running_jobs", "Jobs created through the proxy and not yet seen ended.",
     multiprocess_mode="livemax",  # the host store's count, the same in every worker

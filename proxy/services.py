@@ -131,7 +131,6 @@ class Services:
         )
         self.owners.store = self.idempotency.store = records or self.cache
         self.stale.records = self.owners.store
-        self.budget.open(multiprocess_dir if self.cache.name == "memory" else None)
         if isinstance(self.owners.store, MemoryStore):  # one process: no second copy
             self.idempotency.local = self.owners.store
         swap = getattr(self.cache, "swap_status", None)
@@ -140,6 +139,7 @@ class Services:
         flusher = asyncio.ensure_future(self._flush_loop())
         listener = asyncio.ensure_future(self.cache.listen(self.watchers.stored))
         redis = getattr(self.cache, "client", None)
+        self.budget.open(multiprocess_dir, redis)
         follows = RedisFollows(redis) if redis is not None else MemoryFollows()
         self.webhooks.start(follows, Sealer(self.secret, self.owners.header), self.poll_followed)
         collector = SettledCollector()
@@ -185,8 +185,9 @@ class Services:
         entries, size = self.cache.stats()
         metrics.CACHE_ENTRIES.set(entries)
         metrics.CACHE_BYTES.set(size)
-        if self.budget.enabled:
-            metrics.RUNNING_JOBS.set(self.budget.running_jobs())
+        if self.budget.enabled:  # on Redis, one process across replicas counts (as above)
+            counting = getattr(self.cache, "counting", True)
+            metrics.RUNNING_JOBS.set(await self.budget.running_jobs() if counting else 0)
 
     def flush_metrics(self) -> None:
         """Move fast-path hit counts into the metrics (periodically, before a scrape)."""

@@ -84,6 +84,7 @@ class Settings:
     max_video_seconds_per_tenant: float = 0.0
     budget_window_seconds: float = 86400.0
     default_video_seconds: float = 8.0
+    budget_fail_open: bool = True
     enforce_job_ownership: bool = True
     job_ownership_strict: bool = False
     ownership_header: str = ""
@@ -162,6 +163,7 @@ HELP: dict[str, str] = {
     "max_video_seconds_per_tenant": "Most seconds of video a tenant may ask per window; 0: off.",
     "budget_window_seconds": "The sliding window of max_video_seconds_per_tenant.",
     "default_video_seconds": "Seconds reserved for a create that names none (then its answer's).",
+    "budget_fail_open": "Budget store down: forward creates unchecked (true, counted) or 503.",
     "enforce_job_ownership": "Only the tenant that created a job may address it; others get 404.",
     "job_ownership_strict": "Also refuse jobs the proxy has no owner record of (404).",
     "ownership_header": "A header that is part of the owner (e.g. x-end-user-id); empty: off.",

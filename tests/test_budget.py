@@ -133,3 +133,58 @@ def test_two_workers_never_let_a_tenant_past_its_limit(upstream: Upstream, tmp_p
             statuses = list(pool.map(one, range(50)))
     assert statuses.count(200) == 3 and statuses.count(429) == 47
     assert creates(upstream) == 3
+
+
+def test_two_replicas_on_redis_never_let_a_tenant_past_its_limit(
+    upstream: Upstream, tmp_path: Any
+) -> None:
+    from tests.redis_server import redis_server
+    from tests.servers import run_replicas
+    from tests.test_redis_cache import redis_env
+
+    with redis_server() as redis:
+        env = {**redis_env(redis), "PROXY_MAX_RUNNING_JOBS_PER_TENANT": "3",
+               "PROXY_MAX_VIDEO_SECONDS_PER_TENANT": "1000"}  # fmt: skip
+        with run_replicas(upstream.url, env, tmp_path) as (a, b):
+
+            def one(i: int) -> httpx.Response:
+                return post((a, b)[i % 2].url, seconds="4")
+
+            with ThreadPoolExecutor(25) as pool:
+                answers = list(pool.map(one, range(50)))
+            statuses = [r.status_code for r in answers]
+            assert statuses.count(200) == 3 and statuses.count(429) == 47
+            assert creates(upstream) == 3
+            # A job seen ended on one replica frees the slot on the other.
+            upstream.clock.advance(31)
+            done = next(r.json()["id"] for r in answers if r.status_code == 200)
+            assert httpx.get(f"{b.url}/v1/videos/{done}", headers=ALICE).status_code == 200
+            accepted = post(a.url, seconds="4")
+            assert accepted.status_code == 200
+            assert accepted.headers["ratelimit"] == '"jobs";r=0, "video_seconds";r=984'
+            m = scrape(a.url), scrape(b.url)
+            running = sum(value(x, "bifrost_proxy_running_jobs") for x in m)
+            assert running == 3  # one replica counts the shared store, the other reports 0
+
+
+def test_while_redis_is_down_creates_follow_budget_fail_open(
+    upstream: Upstream, tmp_path: Any
+) -> None:
+    from tests.redis_server import redis_server
+    from tests.test_redis_cache import redis_env
+
+    with redis_server() as redis:
+        limited = {**redis_env(redis), "PROXY_MAX_RUNNING_JOBS_PER_TENANT": "1"}
+        with (
+            run_proxy(upstream.url, env=limited, tmp_path=tmp_path) as open_,
+            run_proxy(
+                upstream.url, env={**limited, "PROXY_BUDGET_FAIL_OPEN": "false"}, tmp_path=tmp_path
+            ) as closed,
+        ):
+            redis.stop()
+            assert post(open_.url).status_code == 200
+            assert post(open_.url).status_code == 200  # unchecked, and counted
+            assert value(scrape(open_.url), "bifrost_proxy_budget_unchecked_total") == 2
+            refused = post(closed.url)
+            assert_envelope(refused, 503, "budget cannot be checked")
+            assert refused.headers["retry-after"] == "1"

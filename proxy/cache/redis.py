@@ -64,6 +64,7 @@ class RedisStore:
         self._bytes = 0
         self._counted_at = -STATS_MIN_INTERVAL_SECONDS
         self._token = secrets.token_hex(8)
+        self.counting = False  # this process holds the counting lease (shared gauges)
 
     async def _run(self, op: str, call: Callable[[], Awaitable[T]], default: T) -> T:
         if time.monotonic() < self._down_until:
@@ -243,7 +244,8 @@ class RedisStore:
         if now - self._counted_at < STATS_MIN_INTERVAL_SECONDS:
             return
         self._counted_at = now
-        if not await self._run("stats", self._lead, False):
+        self.counting = bool(await self._run("stats", self._lead, False))
+        if not self.counting:
             self._entries = self._bytes = 0
             return
         try:

@@ -106,20 +106,20 @@ async def _new_job(request: Request, kind: Kind) -> Response:
 
     async def upstream() -> Reply:
         # Inside the idempotent call: a replay never reserves again.
-        reservation = budget.reserve(principal, doc) if budget.enabled else None  # or 429
+        reservation = await budget.reserve(principal, doc) if budget.enabled else None  # 429
         try:
             reply, answer = await call_json(
                 services, ex, path, provider, query=query, body=body, drop=replace, extra=extra
             )
         except NotSent:
-            budget.cancel(reservation)  # nothing was sent (a timeout may have created)
+            await budget.cancel(reservation)  # nothing sent (a timeout may have created)
             raise
         if not 200 <= reply.status < 300:
-            budget.cancel(reservation)  # refused upstream: nothing runs, nothing is spent
+            await budget.cancel(reservation)  # refused upstream: nothing runs or is spent
             return reply
         await services.owners.record(answer, principal)  # before a replay hands the id out
         job_id = answer.get("id") if answer is not None else None
-        budget.confirm(reservation, job_id if isinstance(job_id, str) else None, answer)
+        await budget.confirm(reservation, job_id if isinstance(job_id, str) else None, answer)
         limits = budget.headers(reservation)
         return Reply(reply.status, [*reply.headers, *limits], reply.body) if limits else reply
 
@@ -191,5 +191,5 @@ async def delete(request: Request) -> Response:
         # Before answering, so the client's next poll cannot hit a stale entry.
         await services.cache.delete_video(video.canonical)
         await services.stale.deleted(video.canonical)
-        services.budget.deleted(video.canonical)
+        await services.budget.deleted(video.canonical)
     return reply_response(ex, reply, services.clock())
