@@ -77,6 +77,7 @@ ROUTES: list[BaseRoute] = [
     Route("/admin/cache", AnyMethod(ops.purge)),  # every method: see ops.purge
     Route("/admin/cache/videos/{video_id}", AnyMethod(ops.purge)),
     Route("/admin/webhooks", AnyMethod(ops.webhooks)),
+    Route("/admin/tenants", AnyMethod(ops.tenants)),
     Route("/admin/webhooks/events/{event_id}/redeliver", AnyMethod(ops.redeliver)),
     # Pass-through (any method, CORS preflights of video routes included).
     Route("/v1/{rest:path}", AnyMethod(streaming.passthrough)),

@@ -18,24 +18,28 @@ per-tenant overrides, ``GET /admin/tenants``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from . import metrics
 from .errors import NotSent
+from .policy import CREDENTIAL_HEADERS
 from .settings import Settings
 
 log = logging.getLogger("proxy.budget")
 T = TypeVar("T")
+BUDGET_TIMEOUT_SECONDS = 1.0
 FILE_NAME = "budget.sqlite"  # in the --workers directory (not *.db: prometheus reads those)
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS running (token TEXT PRIMARY KEY, tenant TEXT NOT NULL, "
@@ -50,11 +54,18 @@ SCHEMA = (
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    running: int  # most running jobs; 0: no limit
+    seconds: float  # most seconds per window; 0: no limit
+
+
+@dataclass(frozen=True, slots=True)
 class Reservation:
     token: str
     tenant: str
     running: int  # jobs running for the tenant, this one included
     spent: float  # seconds spent in the window, this one included
+    limits: Limits
 
 
 def requested_seconds(doc: dict[str, Any] | None, default: float) -> float:
@@ -82,42 +93,98 @@ class BudgetGuard:
         self.default_seconds = settings.default_video_seconds
         self.retry_running = settings.webhook_poll_seconds
         self.fail_open = settings.budget_fail_open
-        self.timeout = settings.redis_timeout_seconds
+        # Longer than the cache's: a limit decided by a slow answer must not fail open.
+        self.timeout = BUDGET_TIMEOUT_SECONDS
         self.clock = clock
-        self.enabled = self.max_running > 0 or self.max_seconds > 0
+        self.limits = Limits(self.max_running, self.max_seconds)
+        self.tenant_header = settings.budget_tenant_header.lower().encode() or None
+        # Per-tenant limits, by the tenant header's value or a credential's SHA-256.
+        self.overrides = {
+            key: Limits(
+                int(spec.get("max_running_jobs", self.max_running)),
+                float(spec.get("max_video_seconds", self.max_seconds)),
+            )
+            for key, spec in settings.budget_overrides.items()
+        }
+        self.enabled = self.max_running > 0 or self.max_seconds > 0 or bool(self.overrides)
         self.store: SqlBudget | RedisBudget | None = None
+        self._followers: set[asyncio.Task[None]] = set()
 
-    def open(self, directory: str | None, redis: Any = None) -> None:
+    def follow(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a counted job's follower (see ``endpoints.jobs.follow_counted``)."""
+        task = asyncio.ensure_future(work)
+        self._followers.add(task)
+        task.add_done_callback(self._followers.discard)
+
+    def following(self) -> int:
+        return len(self._followers)
+
+    async def aclose(self) -> None:
+        for task in list(self._followers):
+            task.cancel()
+        await asyncio.gather(*self._followers, return_exceptions=True)
+
+    def open(self, directory: str | None, redis_url: str | None = None) -> None:
         """Redis (shared by replicas), else SQLite: in memory for one process, or the
         host's file for ``--workers``."""
         if not self.enabled:
             return
-        self.store = RedisBudget(redis, self) if redis is not None else SqlBudget(directory, self)
+        if redis_url is None:
+            self.store = SqlBudget(directory, self)
+            return
+        client = aioredis.Redis.from_url(
+            redis_url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
+        )  # its own pool: the cache's 50 ms operation timeout is too short for a limit
+        self.store = RedisBudget(client, self)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if isinstance(self.store, SqlBudget):
             self.store.close()
+        elif isinstance(self.store, RedisBudget):
+            await self.store.redis.aclose()
 
     async def _call(self, op: str, work: Callable[[], Awaitable[T]], default: T) -> T:
         """A store operation; a store that cannot answer is logged and skipped."""
         try:
-            return await asyncio.wait_for(work(), self.timeout * 4)
+            return await asyncio.wait_for(work(), self.timeout)
         except (RedisError, OSError, TimeoutError, sqlite3.Error) as exc:
             log.warning("budget store %s failed (%s)", op, type(exc).__name__)
             return default
 
-    async def reserve(self, tenant: str, doc: dict[str, Any] | None) -> Reservation | None:
+    def limits_for(self, headers: list[tuple[bytes, bytes]]) -> Limits:
+        """The limits of the tenant asking: an override named by the tenant header's
+        value, or by the SHA-256 (hex) of one of its credential values, else the
+        defaults. Configuration only: a request can only pick an override it holds the
+        credential or the header value of."""
+        if not self.overrides:
+            return self.limits
+        for name, value in headers:
+            if self.tenant_header is not None and name == self.tenant_header:
+                found = self.overrides.get(value.decode("latin-1"))
+                if found is not None:
+                    return found
+        for name, value in headers:
+            if name in CREDENTIAL_HEADERS:
+                found = self.overrides.get(hashlib.sha256(value).hexdigest())
+                if found is not None:
+                    return found
+        return self.limits
+
+    async def reserve(
+        self, tenant: str, doc: dict[str, Any] | None, headers: list[tuple[bytes, bytes]]
+    ) -> Reservation | None:
         """Check the tenant's limits and reserve a job and its seconds; 429 if over.
         If the store cannot answer: forwarded unchecked (``budget_fail_open``, counted)
         or 503."""
-        if self.store is None:
+        limits = self.limits_for(headers)
+        if self.store is None or not (limits.running or limits.seconds):
             return None
-        seconds = requested_seconds(doc, self.default_seconds) if self.max_seconds else 0.0
+        seconds = requested_seconds(doc, self.default_seconds) if limits.seconds else 0.0
         store = self.store
         try:
             verdict = await asyncio.wait_for(
-                store.reserve(tenant, secrets.token_hex(12), seconds, self.clock()),
-                self.timeout * 4,
+                store.reserve(tenant, secrets.token_hex(12), seconds, self.clock(), limits),
+                self.timeout,
             )
         except (RedisError, OSError, TimeoutError, sqlite3.Error) as exc:
             log.warning("budget store unavailable (%s)", type(exc).__name__)
@@ -133,12 +200,12 @@ class BudgetGuard:
         metrics.BUDGET_REJECTIONS.labels(limit).inc()
         if limit == "running_jobs":
             raise rate_limited(
-                f"running video jobs limit reached: {running} of {self.max_running} "
+                f"running video jobs limit reached: {running} of {limits.running} "
                 "running for this tenant; retry when one ends",
                 self.retry_running,
             )
         raise rate_limited(
-            f"video seconds budget reached: {spent:g} of {self.max_seconds:g} seconds used "
+            f"video seconds budget reached: {spent:g} of {limits.seconds:g} seconds used "
             f"in the last {self.window:g} s, {seconds:g} requested",
             retry,
         )
@@ -182,6 +249,15 @@ class BudgetGuard:
             store = self.store
             await self._call("deleted", lambda: store.deleted(job_id), None)
 
+    async def top_tenants(self, most: int = 20) -> list[dict[str, Any]]:
+        """The tenants with the most running jobs (fingerprints, never credentials)."""
+        if self.store is None:
+            return []
+        store = self.store
+        nothing: list[tuple[str, int]] = []
+        found = await self._call("top", lambda: store.top(self.clock(), most), nothing)
+        return [{"tenant": t, "running_jobs": n} for t, n in found]
+
     async def running_jobs(self) -> int:
         if self.store is None:
             return 0
@@ -194,12 +270,13 @@ class BudgetGuard:
         if reservation is None:
             return []
         policies, remaining = [], []
-        if self.max_running:
-            policies.append(f'"jobs";q={self.max_running}')
-            remaining.append(f'"jobs";r={max(0, self.max_running - reservation.running)}')
-        if self.max_seconds:
-            policies.append(f'"video_seconds";q={self.max_seconds:g};w={self.window:g}')
-            left = max(0.0, self.max_seconds - reservation.spent)
+        limits = reservation.limits
+        if limits.running:
+            policies.append(f'"jobs";q={limits.running}')
+            remaining.append(f'"jobs";r={max(0, limits.running - reservation.running)}')
+        if limits.seconds:
+            policies.append(f'"video_seconds";q={limits.seconds:g};w={self.window:g}')
+            left = max(0.0, limits.seconds - reservation.spent)
             remaining.append(f'"video_seconds";r={left:g}')
         return [
             (b"ratelimit-policy", ", ".join(policies).encode()),
@@ -238,7 +315,9 @@ class SqlBudget:
             raise
         return result
 
-    async def reserve(self, tenant: str, token: str, seconds: float, now: float) -> Verdict:
+    async def reserve(
+        self, tenant: str, token: str, seconds: float, now: float, limits: Limits
+    ) -> Verdict:
         g = self.guard
 
         def work(db: sqlite3.Connection) -> Verdict:
@@ -250,10 +329,10 @@ class SqlBudget:
             (spent,) = db.execute(
                 "SELECT coalesce(sum(seconds), 0) FROM spent WHERE tenant = ?", (tenant,)
             ).fetchone()
-            if g.max_running and running >= g.max_running:
+            if limits.running and running >= limits.running:
                 return ("running_jobs", running, spent, g.retry_running)
-            if g.max_seconds and spent + seconds > g.max_seconds:
-                excess = spent + seconds - g.max_seconds
+            if limits.seconds and spent + seconds > limits.seconds:
+                excess = spent + seconds - limits.seconds
                 freed, retry = 0.0, g.window
                 for at, amount in db.execute(
                     "SELECT at, seconds FROM spent WHERE tenant = ? ORDER BY at", (tenant,)
@@ -263,17 +342,17 @@ class SqlBudget:
                         retry = max(1.0, float(at) + g.window - now)
                         break
                 return ("video_seconds", running, spent, retry)
-            if g.max_running:
+            if limits.running:
                 db.execute(
                     "INSERT INTO running (token, tenant, until) VALUES (?, ?, ?)",
                     (token, tenant, now + g.job_max),
                 )
-            if g.max_seconds:
+            if limits.seconds:
                 db.execute(
                     "INSERT INTO spent (token, tenant, at, seconds) VALUES (?, ?, ?, ?)",
                     (token, tenant, now, seconds),
                 )
-            return Reservation(token, tenant, running + 1, spent + seconds)
+            return Reservation(token, tenant, running + 1, spent + seconds, limits)
 
         verdict: Verdict = self._transaction(work)
         return verdict
@@ -316,6 +395,14 @@ class SqlBudget:
 
     async def deleted(self, job_id: str) -> None:
         self._transaction(lambda db: db.execute("DELETE FROM running WHERE job = ?", (job_id,)))
+
+    async def top(self, now: float, most: int) -> list[tuple[str, int]]:
+        rows = self._db.execute(
+            "SELECT tenant, count(*) FROM running WHERE until > ? GROUP BY tenant "
+            "ORDER BY count(*) DESC, tenant LIMIT ?",
+            (now, most),
+        ).fetchall()
+        return [(str(t), int(n)) for t, n in rows]
 
     async def running_jobs(self, now: float) -> int:
         (count,) = self._db.execute(
@@ -390,22 +477,24 @@ class RedisBudget:
     def _keys(tenant: str) -> list[str]:
         return [f"{PREFIX}run:{tenant}", f"{PREFIX}sec:{tenant}", f"{PREFIX}secv:{tenant}"]
 
-    async def reserve(self, tenant: str, token: str, seconds: float, now: float) -> Verdict:
+    async def reserve(
+        self, tenant: str, token: str, seconds: float, now: float, limits: Limits
+    ) -> Verdict:
         g = self.guard
         kind, running, spent, retry = await self.redis.eval(
-            _RESERVE, 3, *self._keys(tenant), now, g.window, g.job_max, g.max_running,
-            g.max_seconds, seconds, token,
+            _RESERVE, 3, *self._keys(tenant), now, g.window, g.job_max, limits.running,
+            limits.seconds, seconds, token,
         )  # fmt: skip
         kind = kind.decode() if isinstance(kind, bytes) else kind
         if kind == "ok":
-            return Reservation(token, tenant, int(running), float(spent))
+            return Reservation(token, tenant, int(running), float(spent), limits)
         return (kind, int(running), float(spent), max(1.0, float(retry)))
 
     async def confirm(self, reservation: Reservation, job_id: str, seconds: float) -> None:
         ttl = int(max(self.guard.job_max, self.guard.window) * 1000)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(f"{PREFIX}job:{job_id}", f"{reservation.tenant}|{reservation.token}", px=ttl)
-            if seconds >= 0 and self.guard.max_seconds:
+            if seconds >= 0 and reservation.limits.seconds:
                 pipe.hset(f"{PREFIX}secv:{reservation.tenant}", reservation.token, seconds)
             await pipe.execute()
 
@@ -428,6 +517,15 @@ class RedisBudget:
         if bound:
             tenant, _, token = bound.decode().partition("|")
             await self.redis.zrem(f"{PREFIX}run:{tenant}", token)
+
+    async def top(self, now: float, most: int) -> list[tuple[str, int]]:
+        counts = []
+        async for name in self.redis.scan_iter(match=PREFIX + "run:*", count=500):
+            running = int(await self.redis.zcount(name, f"({now}", "+inf"))
+            key = name.decode() if isinstance(name, bytes) else name
+            if running:
+                counts.append((key.removeprefix(PREFIX + "run:"), running))
+        return sorted(counts, key=lambda item: (-item[1], item[0]))[:most]
 
     async def running_jobs(self, now: float) -> int:
         total = 0

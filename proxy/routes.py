@@ -36,6 +36,7 @@ class Kind(StrEnum):
     ADMIN_PURGE_ONE = "admin_purge_one"
     ADMIN_PURGE_ALL = "admin_purge_all"
     ADMIN_WEBHOOKS = "admin_webhooks"
+    ADMIN_TENANTS = "admin_tenants"
     ADMIN_REDELIVER = "admin_redeliver"
 
 
@@ -104,6 +105,8 @@ def classify(method: str, raw_path: str) -> Route:
             if method not in ("GET", "HEAD"):
                 raise ProxyError(405, f"{method} is not allowed on /{segments[0]}")
             return Route(kind, "", "/" + segments[0])
+    if segments == ["admin", "tenants"]:  # any method, as for the cache routes
+        return Route(Kind.ADMIN_TENANTS, "", "/admin/tenants")
     if segments[:2] == ["admin", "webhooks"]:  # any method, as for the cache routes
         if len(segments) == 2:
             return Route(Kind.ADMIN_WEBHOOKS, "", "/admin/webhooks")

@@ -139,7 +139,9 @@ class Services:
         flusher = asyncio.ensure_future(self._flush_loop())
         listener = asyncio.ensure_future(self.cache.listen(self.watchers.stored))
         redis = getattr(self.cache, "client", None)
-        self.budget.open(multiprocess_dir, redis)
+        self.budget.open(
+            multiprocess_dir, self.settings.redis_url if self.cache.name == "redis" else None
+        )
         follows = RedisFollows(redis) if redis is not None else MemoryFollows()
         self.webhooks.start(follows, Sealer(self.secret, self.owners.header), self.poll_followed)
         collector = SettledCollector()
@@ -152,6 +154,7 @@ class Services:
             listener.cancel()
             await self.watchers.aclose()
             await self.webhooks.aclose()
+            await self.budget.aclose()
             self.flush()
             self.access_writer.close()
             await self.upstream.aclose()
@@ -160,7 +163,7 @@ class Services:
                 host.close()
             if records is not None:
                 records.close()
-            self.budget.close()
+            await self.budget.close()
 
     async def _flush_loop(self) -> None:
         ticks = 0

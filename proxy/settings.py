@@ -85,6 +85,9 @@ class Settings:
     budget_window_seconds: float = 86400.0
     default_video_seconds: float = 8.0
     budget_fail_open: bool = True
+    budget_tenant_header: str = ""
+    # key (the tenant header's value, or a credential's SHA-256 hex) -> limits
+    budget_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     enforce_job_ownership: bool = True
     job_ownership_strict: bool = False
     ownership_header: str = ""
@@ -164,6 +167,8 @@ HELP: dict[str, str] = {
     "budget_window_seconds": "The sliding window of max_video_seconds_per_tenant.",
     "default_video_seconds": "Seconds reserved for a create that names none (then its answer's).",
     "budget_fail_open": "Budget store down: forward creates unchecked (true, counted) or 503.",
+    "budget_tenant_header": "A header whose value can name a tenant's budget override.",
+    "budget_overrides": "Per-tenant limits: {KEY = {max_running_jobs, max_video_seconds}}.",
     "enforce_job_ownership": "Only the tenant that created a job may address it; others get 404.",
     "job_ownership_strict": "Also refuse jobs the proxy has no owner record of (404).",
     "ownership_header": "A header that is part of the owner (e.g. x-end-user-id); empty: off.",
@@ -328,6 +333,16 @@ def validate(s: Settings) -> None:
     if s.list_default_provider and not PROVIDER_RE.fullmatch(s.list_default_provider):
         raise SettingsError(f"list_default_provider: {s.list_default_provider!r} is not valid")
     validate_webhooks(s)
+    if s.budget_tenant_header and not HEADER_NAME_RE.fullmatch(s.budget_tenant_header):
+        raise SettingsError(f"budget_tenant_header: {s.budget_tenant_header!r} is not a header")
+    for key, spec in s.budget_overrides.items():
+        if set(spec) - {"max_running_jobs", "max_video_seconds"} or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+            for v in spec.values()
+        ):
+            raise SettingsError(
+                f"budget_overrides.{key}: max_running_jobs and max_video_seconds, numbers >= 0"
+            )
     if s.ownership_header and not HEADER_NAME_RE.fullmatch(s.ownership_header):
         raise SettingsError(f"ownership_header: {s.ownership_header!r} is not a header name")
     if s.cache_backend == "redis":

@@ -188,3 +188,42 @@ def test_while_redis_is_down_creates_follow_budget_fail_open(
             refused = post(closed.url)
             assert_envelope(refused, 503, "budget cannot be checked")
             assert refused.headers["retry-after"] == "1"
+
+
+def test_a_job_nobody_polls_still_leaves_the_count(make_proxy: Any, upstream: Upstream) -> None:
+    from tests.servers import wait_until
+
+    base = make_proxy(max_running_jobs_per_tenant=1, webhook_poll_seconds=0.05)
+    assert post(base).status_code == 200
+    assert base.app.budget.following() == 1  # the proxy follows the counted job itself
+    assert post(base).status_code == 429
+    upstream.clock.advance(31)  # it completes upstream; no client asks
+    wait_until(lambda: base.app.budget.following() == 0, what="the follower to see it end")
+    assert post(base).status_code == 200
+
+
+def test_overrides_by_header_or_credential_hash_and_the_admin_view(
+    make_proxy: Any, upstream: Upstream
+) -> None:
+    import hashlib
+
+    bob_hash = hashlib.sha256(b"Bearer sk-bf-bob").hexdigest()
+    base = make_proxy(
+        max_running_jobs_per_tenant=1,
+        budget_tenant_header="x-app-name",
+        budget_overrides={"batch": {"max_running_jobs": 2}, bob_hash: {"max_running_jobs": 3}},
+        admin_token="adm",
+    )
+    batch = {**ALICE, "x-app-name": "batch"}
+    assert [post(base, batch).status_code for _ in range(3)] == [200, 200, 429]
+    assert [post(base, BOB).status_code for _ in range(4)] == [200, 200, 200, 429]
+    carol = {"Authorization": "Bearer sk-bf-carol"}
+    assert [post(base, carol).status_code for _ in range(2)] == [200, 429]  # the default
+    admin = httpx.get(f"{base}/admin/tenants", headers={"Authorization": "Bearer adm"}).json()
+    assert [t["running_jobs"] for t in admin["tenants"]] == [3, 2, 1]
+    assert "sk-bf" not in str(admin)  # fingerprints, never credentials
+    assert (
+        httpx.get(f"{base}/admin/tenants", headers={"Authorization": "Bearer no"}).status_code
+        == 401
+    )
+    assert httpx.get(f"{make_proxy()}/admin/tenants").status_code == 404

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,10 +17,11 @@ from ..follows import Followed
 from ..forwarder import call_json, decoy_call
 from ..ids import InvalidVideoId, normalize_provider, parse_decoded
 from ..multipart import to_json_body
-from ..policy import cache_key
+from ..policy import TERMINAL, cache_key
 from ..rewrite import parse_json_object
 from ..routes import Kind, Route
 from ..services import Services
+from ..watch import job_state
 from ..webhooks import HEADER, Endpoint
 from .common import addressed, context
 from .retrieve import Lookup
@@ -106,7 +108,9 @@ async def _new_job(request: Request, kind: Kind) -> Response:
 
     async def upstream() -> Reply:
         # Inside the idempotent call: a replay never reserves again.
-        reservation = await budget.reserve(principal, doc) if budget.enabled else None  # 429
+        reservation = (  # or 429
+            await budget.reserve(principal, doc, ex.headers) if budget.enabled else None
+        )
         try:
             reply, answer = await call_json(
                 services, ex, path, provider, query=query, body=body, drop=replace, extra=extra
@@ -119,7 +123,9 @@ async def _new_job(request: Request, kind: Kind) -> Response:
             return reply
         await services.owners.record(answer, principal)  # before a replay hands the id out
         job_id = answer.get("id") if answer is not None else None
-        await budget.confirm(reservation, job_id if isinstance(job_id, str) else None, answer)
+        if reservation is not None and isinstance(job_id, str):
+            await budget.confirm(reservation, job_id, answer)
+            follow_counted(services, job_id, route.family, ex.headers)
         limits = budget.headers(reservation)
         return Reply(reply.status, [*reply.headers, *limits], reply.body) if limits else reply
 
@@ -160,6 +166,34 @@ async def follow_new_job(
         return
     key = cache_key(route.family, video.canonical, services.owners.principal(ex.headers))
     await services.webhooks.follow_new(key, video.canonical, route.family, webhook, ex.headers)
+
+
+def follow_counted(
+    services: Services, job_id: str, family: str, headers: list[tuple[bytes, bytes]]
+) -> None:
+    """Poll a job the budget counts until it ends, so that it leaves the count even
+    when no client polls it (one poll per ``webhook_poll_seconds``, through the shared
+    single flight and cache; the answer ends it in the count as any poll does)."""
+    try:
+        job = Followed("", parse_decoded(job_id, services.rules).canonical, family, "", 0, "")
+    except InvalidVideoId:
+        return
+    poll = poll_as_creator(services, job, headers)
+    budget = services.budget
+
+    async def follow() -> None:
+        deadline = services.clock() + budget.job_max
+        while services.clock() < deadline:
+            await asyncio.sleep(services.settings.webhook_poll_seconds)
+            try:
+                reply = await poll()
+            except ProxyError:
+                continue
+            state = job_state(reply)
+            if reply.status == 404 or (state is not None and state[0] in TERMINAL):
+                return
+
+    budget.follow(follow())
 
 
 def poll_as_creator(

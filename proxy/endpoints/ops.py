@@ -91,6 +91,12 @@ async def webhooks(request: Request) -> Response:
     return json_response(dumps(await services.webhooks.report()))
 
 
+async def tenants(request: Request) -> Response:
+    """GET /admin/tenants: the tenants (fingerprints) with the most running jobs."""
+    services = admin(request, "GET")
+    return json_response(dumps({"tenants": await services.budget.top_tenants()}))
+
+
 async def redeliver(request: Request) -> Response:
     """POST /admin/webhooks/events/{event_id}/redeliver: one more attempt, same id."""
     services = admin(request, "POST")
