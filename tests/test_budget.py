@@ -227,3 +227,14 @@ def test_overrides_by_header_or_credential_hash_and_the_admin_view(
         == 401
     )
     assert httpx.get(f"{make_proxy()}/admin/tenants").status_code == 404
+
+
+def test_remixes_and_edits_count_like_creates(make_proxy: Any, upstream: Upstream) -> None:
+    base = make_proxy(max_running_jobs_per_tenant=2)
+    source = post(base, model="runware/vidu-q1").json()["id"]
+    edit = httpx.post(
+        f"{base}/v1/videos/edits", json={"prompt": "p", "video": {"id": source}}, headers=ALICE
+    )
+    assert edit.status_code == 200 and edit.headers["ratelimit"] == '"jobs";r=0'
+    remix = httpx.post(f"{base}/v1/videos/{source}/remix", json={"prompt": "b"}, headers=ALICE)
+    assert_envelope(remix, 429, "running video jobs limit reached: 2 of 2")
