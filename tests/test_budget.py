@@ -238,3 +238,21 @@ def test_remixes_and_edits_count_like_creates(make_proxy: Any, upstream: Upstrea
     assert edit.status_code == 200 and edit.headers["ratelimit"] == '"jobs";r=0'
     remix = httpx.post(f"{base}/v1/videos/{source}/remix", json={"prompt": "b"}, headers=ALICE)
     assert_envelope(remix, 429, "running video jobs limit reached: 2 of 2")
+
+
+def test_the_openai_sdk_sees_a_rate_limit_error_on_its_family(
+    make_proxy: Any, upstream: Upstream
+) -> None:
+    import openai
+
+    from tests.test_openai_sdk import sdk
+
+    client = sdk(make_proxy(max_running_jobs_per_tenant=1), "/openai/v1")
+    first = client.videos.with_raw_response.create(model=MODEL, prompt="a cat")
+    assert first.headers["ratelimit"] == '"jobs";r=0'
+    try:
+        client.videos.create(model=MODEL, prompt="again")
+    except openai.RateLimitError as exc:
+        assert exc.status_code == 429 and "running video jobs limit" in str(exc)
+    else:
+        raise AssertionError("the second create was accepted")
