@@ -10,7 +10,7 @@ request ─▶ HotPathMiddleware (outermost, pure ASGI) ─(memoised HIT)─▶ 
              ▼
            RawPathRouting (routes.classify on the raw path → canonical path)
              ▼
-           Router ─▶ endpoints/ (retrieve, jobs, listing, streaming, ops)
+           Router ─▶ endpoints/ (retrieve, jobs, listing, content, streaming, ops)
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .endpoints import events, jobs, listing, ops, retrieve, streaming
+from .endpoints import content, events, jobs, listing, ops, retrieve, streaming
 from .errors import ProxyError
 from .exchange import EXCHANGE, error_response
 from .front import FrontDispatch
@@ -63,7 +63,7 @@ def video_routes(prefix: str) -> list[BaseRoute]:
         Route(prefix + "/{video_id}", retrieve.retrieve, methods=["GET"]),
         Route(prefix + "/{video_id}", jobs.delete, methods=["DELETE"]),
         Route(prefix + "/{video_id}/remix", jobs.remix, methods=["POST"]),
-        Route(prefix + "/{video_id}/content", streaming.content, methods=["GET"]),
+        Route(prefix + "/{video_id}/content", content.content, methods=["GET", "HEAD"]),
         Route(prefix + "/{video_id}/events", events.status_stream, methods=["GET"]),
     ]
 

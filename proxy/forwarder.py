@@ -90,7 +90,7 @@ async def call_json(
     kind = _SHAPES.get((ex.method, ex.route)) if ok else None
     out, doc, drift = fix_answer(services, response, raw, provider, kind, ex.route)
     if doc is not None and ok:
-        await track_statuses(services, doc)
+        await track_statuses(services, doc, ex)
     return Reply(response.status_code, answer_headers(response), out, drift=drift), doc
 
 
@@ -127,6 +127,17 @@ async def decoy_call(
     return decoy.reply(reply)
 
 
+async def content_completed(
+    services: Services, ex: Exchange, video: str, doc: dict[str, Any]
+) -> None:
+    """A job seen completed: its content may now be stored (and, with
+    ``content_prefetch``, is fetched now in the background, as this tenant)."""
+    if await services.content.saw_completed(video, doc) and services.settings.content_prefetch:
+        from .endpoints.content import prefetch  # endpoints build on the forwarder
+
+        services.content.in_background(prefetch(services, ex, video))
+
+
 def fix_answer(
     services: Services,
     response: UpstreamResponse,
@@ -155,10 +166,12 @@ def fix_answer(
     return dumps(doc), doc, drift
 
 
-async def track_statuses(services: Services, doc: dict[str, Any]) -> None:
-    """Feed every job status an answer reveals (one job, or a list) to the tracker."""
+async def track_statuses(services: Services, doc: dict[str, Any], ex: Exchange) -> None:
+    """Feed every job status an answer reveals (one job, or a list) to the tracker; a
+    job answered ``completed`` on its own (not in a list) may be stored (see content)."""
     data = doc.get("data")
-    items = data if isinstance(data, list) else [doc]
+    single = not isinstance(data, list)
+    items: list[Any] = [doc] if single else data  # type: ignore[assignment]
     try:
         for item in items:
             if not isinstance(item, dict):
@@ -169,5 +182,7 @@ async def track_statuses(services: Services, doc: dict[str, Any]) -> None:
                 await services.tracker.observe(video, provider, item)
                 if status in TERMINAL and services.budget.enabled:
                     await services.budget.ended(video, status, provider_label(provider), item)
+                if status == "completed" and single and services.content.enabled:
+                    await content_completed(services, ex, video, item)
     except Exception:  # metrics must never fail a request
         log.exception("status tracking failed")

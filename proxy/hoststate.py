@@ -17,7 +17,14 @@ import os
 import sqlite3
 import time
 
-from .cache.base import DELETED, OWNERSHIP, RecordsFull, RecordsUnavailable, record_tenant
+from .cache.base import (
+    COMPLETED,
+    DELETED,
+    OWNERSHIP,
+    RecordsFull,
+    RecordsUnavailable,
+    record_tenant,
+)
 
 log = logging.getLogger("proxy.hoststate")
 FILE_NAME = "statuses.sqlite"  # not *.db: prometheus-client reads those as metric files
@@ -145,7 +152,7 @@ class HostRecords:
             return False
         now = time.time()
         kind = KIND_IDEMPOTENCY
-        if name.startswith(OWNERSHIP):
+        if name.startswith((OWNERSHIP, COMPLETED)):  # per-job facts: one LRU budget
             kind = KIND_OWNERSHIP
         elif name.startswith(DELETED):
             kind = KIND_DELETED

@@ -148,6 +148,47 @@ BUILD_INFO = Gauge(
 )
 BUILD_INFO.labels(__version__).set(1)
 
+CONTENT_REQUESTS = Counter(
+    "bifrost_proxy_content_requests_total",
+    "Content downloads by how they were answered: hit (whole, from the store), range "
+    "(206), miss (filling or sharing a fill), bypass (relayed unstored), error (store "
+    "failed: relayed).",
+    ["result"],
+)  # fmt: skip
+CONTENT_BYTES = Counter(
+    "bifrost_proxy_content_bytes_total", "Content bytes sent to clients, by source.",
+    ["source"],
+)  # fmt: skip
+CONTENT_STORE_BYTES = Gauge(
+    "bifrost_proxy_content_store_bytes", "Bytes the content store holds (spool included).",
+    multiprocess_mode="livesum",  # one process per store reports it, the others 0
+)  # fmt: skip
+CONTENT_STORE_OBJECTS = Gauge(
+    "bifrost_proxy_content_store_objects", "Objects the content store holds.",
+    multiprocess_mode="livesum",
+)  # fmt: skip
+CONTENT_FILLS = Gauge(
+    "bifrost_proxy_content_fills", "Content fills running (upstream transfers being stored).",
+    multiprocess_mode="livesum",
+)  # fmt: skip
+CONTENT_STORE_ERRORS = Counter(
+    "bifrost_proxy_content_store_errors_total",
+    "Content store operations that failed (the download was relayed instead).", ["op"],
+)  # fmt: skip
+CONTENT_EVICTIONS = Counter(
+    "bifrost_proxy_content_evictions_total", "Stored videos evicted to stay under the bound."
+)
+CONTENT_PREFETCHES = Counter(
+    "bifrost_proxy_content_prefetches_total", "Fills started by content_prefetch."
+)
+CONTENT_RESULTS = ("hit", "range", "miss", "bypass", "error")
+for _result in CONTENT_RESULTS:
+    CONTENT_REQUESTS.labels(_result)
+for _source in ("store", "upstream"):
+    CONTENT_BYTES.labels(_source)
+for _op in ("open", "read", "fill", "commit", "delete", "stats"):
+    CONTENT_STORE_ERRORS.labels(_op)
+
 CACHE_RESULTS = ("hit", "miss", "bypass", "coalesced", "stale")
 for _result in CACHE_RESULTS:  # so dashboards see zeros, not gaps
     CACHE_REQUESTS.labels(_result)

@@ -60,6 +60,7 @@ _VIDEO_SHAPES: dict[tuple[str, int, str | None], Kind] = {
     ("DELETE", 1, None): Kind.DELETE,
     ("POST", 2, "remix"): Kind.REMIX,
     ("GET", 2, "content"): Kind.CONTENT,
+    ("HEAD", 2, "content"): Kind.CONTENT,
     ("GET", 2, "events"): Kind.EVENTS,
 }
 _TEMPLATES = {

@@ -21,6 +21,7 @@ from .bodies import BodyLimits
 from .budget import BudgetGuard
 from .cache import CacheStore, MemoryStore, create_store
 from .coalesce import SingleFlight
+from .content.store import ContentStore
 from .contract import Drift
 from .exchange import Reply
 from .follows import MemoryFollows, RedisFollows, Sealer
@@ -98,6 +99,7 @@ class Services:
         self.webhooks = Webhooks(settings)
         self.drift = Drift()  # upstream answers that broke the documented shape
         self.budget = BudgetGuard(settings, clock)  # per-tenant running jobs and seconds
+        self.content = ContentStore(settings, self.secret, clock)  # stored videos
         # Access lines are buffered and written in batches (every FLUSH_SECONDS and at
         # shutdown): the logging machinery per request cost ~10% of a pass-through.
         self.access_rows: list[dict[str, Any]] = []
@@ -131,6 +133,8 @@ class Services:
         )
         self.owners.store = self.idempotency.store = records or self.cache
         self.stale.records = self.owners.store
+        self.content.records = self.owners.store
+        self.content.open()
         if isinstance(self.owners.store, MemoryStore):  # one process: no second copy
             self.idempotency.local = self.owners.store
         swap = getattr(self.cache, "swap_status", None)
@@ -154,6 +158,7 @@ class Services:
             listener.cancel()
             await self.watchers.aclose()
             await self.webhooks.aclose()
+            await self.content.aclose()
             await self.budget.aclose()
             self.flush()
             self.access_writer.close()
@@ -188,9 +193,10 @@ class Services:
         entries, size = self.cache.stats()
         metrics.CACHE_ENTRIES.set(entries)
         metrics.CACHE_BYTES.set(size)
+        counting = getattr(self.cache, "counting", True)
         if self.budget.enabled:  # on Redis, one process across replicas counts (as above)
-            counting = getattr(self.cache, "counting", True)
             metrics.RUNNING_JOBS.set(await self.budget.running_jobs() if counting else 0)
+        await self.content.refresh_stats(counting)
 
     def flush_metrics(self) -> None:
         """Move fast-path hit counts into the metrics (periodically, before a scrape)."""

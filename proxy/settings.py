@@ -93,6 +93,14 @@ class Settings:
     ownership_header: str = ""
     admin_token: str = ""
     metrics_port: int = 0
+    content_cache: str = "disk"
+    content_dir: str = ""
+    content_max_bytes: int = 1024 * MiB
+    content_s3_url: str = ""
+    content_s3_endpoint: str = ""
+    content_retention_seconds: float = 0.0
+    content_prefetch: bool = False
+    content_max_fills: int = 8
 
     def id_rules(self) -> IdRules:
         allowed = None if "*" in self.allowed_providers else frozenset(self.allowed_providers)
@@ -174,6 +182,14 @@ HELP: dict[str, str] = {
     "ownership_header": "A header that is part of the owner (e.g. x-end-user-id); empty: off.",
     "admin_token": "Bearer token enabling DELETE /admin/cache…; empty: disabled.",
     "metrics_port": "Also serve /metrics on this port (0: only on the main port).",
+    "content_cache": "Where downloaded videos are stored: disk, s3, or off (always relay).",
+    "content_dir": "Disk store (and S3 spool) directory; empty: ~/.cache/bifrost-video-proxy.",
+    "content_max_bytes": "Disk: bytes of stored videos and spool files (LRU beyond them).",
+    "content_s3_url": "S3 store: s3://bucket/prefix (credentials: the AWS_* environment).",
+    "content_s3_endpoint": "S3-compatible server URL (path-style), e.g. http://minio:9000.",
+    "content_retention_seconds": "0: keep until the job's expires_at; >0: this long after done.",
+    "content_prefetch": "Download a job's video into the store when it is seen completed.",
+    "content_max_fills": "Most videos being stored at once; past it downloads are relayed.",
 }
 
 _BOOLEANS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
@@ -182,6 +198,7 @@ _CHOICES = {
     "log_format": {"json", "text"},
     "cache_backend": {"memory", "redis"},
     "upstream_client": {"aiohttp", "httpx"},
+    "content_cache": {"disk", "s3", "off"},
 }
 
 
@@ -307,7 +324,8 @@ def validate(s: Settings) -> None:
         "ownership_max_bytes", "max_waiters_per_tenant", "sse_send_timeout_seconds",
         "running_job_max_seconds", "budget_window_seconds", "default_video_seconds",
         "max_request_bytes", "max_id_length", "cache_max_bytes",
-        "cache_max_entry_bytes", "upstream_max_connections",
+        "cache_max_entry_bytes", "upstream_max_connections", "content_max_bytes",
+        "content_max_fills",
     )  # fmt: skip
     for name in positive:
         if getattr(s, name) <= 0:
@@ -315,6 +333,7 @@ def validate(s: Settings) -> None:
     for name in (
         "poll_coalesce_seconds", "terminal_ttl_seconds", "shutdown_grace_seconds",
         "stale_if_error_seconds", "max_running_jobs_per_tenant", "max_video_seconds_per_tenant",
+        "content_retention_seconds",
     ):  # fmt: skip
         if getattr(s, name) < 0:
             raise SettingsError(f"{name}: must be >= 0, got {getattr(s, name)}")
@@ -352,6 +371,26 @@ def validate(s: Settings) -> None:
             )
         if urlsplit(s.redis_url).scheme not in ("redis", "rediss", "unix"):
             raise SettingsError("redis_url: must be a redis://, rediss:// or unix:// URL")
+    if s.content_cache == "s3":
+        bucket = urlsplit(s.content_s3_url)
+        if bucket.scheme != "s3" or not bucket.netloc or bucket.query or bucket.fragment:
+            raise SettingsError(
+                f"content_s3_url: must be s3://bucket or s3://bucket/prefix, got "
+                f"{s.content_s3_url!r}"
+            )
+        if not s.cache_key_secret:
+            raise SettingsError(
+                "cache_key_secret: required with content_cache = s3, so replicas agree"
+            )
+    if s.content_s3_endpoint:
+        endpoint = urlsplit(s.content_s3_endpoint)
+        if endpoint.scheme not in ("http", "https") or not endpoint.hostname:
+            raise SettingsError("content_s3_endpoint: must be an http(s) URL")
+        if endpoint.username or endpoint.password:
+            raise SettingsError(  # never echoed: it would hold a secret
+                "content_s3_endpoint: credentials belong in AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, not the URL"
+            )
 
 
 SHA256_HEX_RE = re.compile(r"[0-9a-f]{64}")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ def proxy_process(upstream: Upstream, tmp_path: Any) -> Iterator[ProxyProcess]:
 
 
 def make_settings(upstream_url: str, **overrides: Any) -> Settings:
+    # Each proxy a content store of its own (never the user's ~/.cache).
+    overrides.setdefault("content_dir", tempfile.mkdtemp(prefix="bvp-content-"))
     return load(env={}, overrides={"upstream_url": upstream_url, **overrides})
 
 

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -88,6 +89,8 @@ def run_proxy(
     log_path = os.path.join(str(tmp_path or "/tmp"), f"proxy-{port}.log")
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
     full_env.update(env or {})
+    # A content store of its own (never the user's ~/.cache), unless the test shares one.
+    full_env.setdefault("PROXY_CONTENT_DIR", tempfile.mkdtemp(prefix="bvp-content-"))
     exe = os.path.join(os.path.dirname(sys.executable), "bifrost-video-proxy")
     cmd = [exe, "--upstream", upstream, "--port", str(port), *extra]
     with open(log_path, "wb") as log:

@@ -14,6 +14,7 @@ from ..policy import EntryKind
 IDEMPOTENCY = "idem:"  # idem:<tenant fingerprint>:<hash of secret, tenant and key>
 OWNERSHIP = "own:"  # own:<canonical id> = the owner's principal
 DELETED = "gone:"  # gone:<canonical id>: deleted through the proxy (no stale answers)
+COMPLETED = "done:"  # done:<canonical id>: seen completed (the content store may fill)
 
 
 def record_tenant(name: str) -> str:

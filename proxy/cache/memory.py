@@ -23,7 +23,7 @@ from typing import Any
 
 from cachetools import TLRUCache
 
-from .base import DELETED, IDEMPOTENCY, OWNERSHIP, Entry, RecordsFull, record_tenant
+from .base import COMPLETED, DELETED, IDEMPOTENCY, OWNERSHIP, Entry, RecordsFull, record_tenant
 
 RECORD_OVERHEAD = 120  # bytes of bookkeeping per record (key, tuple, LRU links)
 TOMBSTONE_BYTES = 1024 * 1024
@@ -233,7 +233,7 @@ class MemoryStore:
 
     # -- records (idempotency, ownership, tombstones) ------------------------------------
     def _simple_tier(self, name: str) -> _Cache | None:
-        if name.startswith(OWNERSHIP):
+        if name.startswith((OWNERSHIP, COMPLETED)):  # per-job facts: one LRU budget
             return self._ownership
         if name.startswith(DELETED):
             return self._deleted

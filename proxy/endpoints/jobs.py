@@ -226,4 +226,5 @@ async def delete(request: Request) -> Response:
         await services.cache.delete_video(video.canonical)
         await services.stale.deleted(video.canonical)
         await services.budget.deleted(video.canonical)
+        await services.content.forget(video.canonical)  # every stored variant
     return reply_response(ex, reply, services.clock())

@@ -79,10 +79,13 @@ async def purge(request: Request) -> Response:
     services = admin(request, "DELETE")
     segment = request.path_params.get("video_id")
     if segment is not None:
-        purged = await services.cache.delete_video(video_id(services, segment).canonical)
+        canonical = video_id(services, segment).canonical
+        purged = await services.cache.delete_video(canonical)
+        content = await services.content.forget(canonical)
     else:
         purged = await services.cache.clear()
-    return json_response(dumps({"purged": purged}))
+        content = await services.content.clear()
+    return json_response(dumps({"purged": purged, "content_purged": content}))
 
 
 async def webhooks(request: Request) -> Response:

@@ -1,11 +1,9 @@
-"""GET …/videos/{video_id}/content and the pass-through: bodies streamed both ways."""
+"""The pass-through, and the relay under content downloads: bodies streamed both ways."""
 
 from __future__ import annotations
 
 import logging
-import re
 import time
-from urllib.parse import parse_qsl
 
 import anyio
 import anyio.lowlevel
@@ -14,45 +12,15 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .. import headers as hdr
-from ..decoy import ForeignJob
 from ..errors import ProxyError
-from ..exchange import Exchange, reply_response
-from ..forwarder import decoy_call, forward_headers, video_id
+from ..exchange import Exchange
+from ..forwarder import forward_headers, video_id
 from ..routes import Kind
-from ..upstream import StreamBroken, Upstream, UpstreamCall
-from .common import addressed, client_gone, context
+from ..upstream import StreamBroken, Upstream, UpstreamCall, UpstreamResponse
+from .common import client_gone, context
 
 log = logging.getLogger("proxy")
-# Forwarded as given, as Bifrost does: OpenAI's names are video, thumbnail and
-# spritesheet, Bifrost's own constant is sprite_sheet; new ones need no proxy change.
-VARIANT_RE = re.compile(r"[a-z0-9_]{1,32}")
 _STRIP_FROM_STREAM = frozenset({b"x-request-id"})
-
-
-async def content(request: Request) -> Response:
-    services, ex, route, video = addressed(request)
-    query = request.scope.get("query_string", b"")
-    for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
-        if key == "variant" and not VARIANT_RE.fullmatch(value):
-            raise ProxyError(
-                400,
-                "variant must be 1 to 32 of a-z, 0-9 and _ (e.g. video, thumbnail, "
-                "spritesheet, sprite_sheet)",
-                param="variant",
-            )
-    try:
-        await services.owners.check(video, services.owners.principal(ex.headers), ex.route)
-    except ForeignJob as foreign:  # as the upstream answers for no job (read whole)
-        reply = await decoy_call(
-            services, ex, foreign, lambda v: f"{route.prefix}/{v.upstream_segment}/content",
-            query=query, retry=True,
-        )  # fmt: skip
-        return reply_response(ex, reply, services.clock())
-    call = UpstreamCall(
-        "GET", f"{route.prefix}/{video.upstream_segment}/content", query, forward_headers(ex),
-        retry_idempotent=True, streaming=True, route=ex.route,
-    )  # fmt: skip
-    return UpstreamStream(services.upstream, ex, call, None)
 
 
 async def passthrough(request: Request) -> Response:
@@ -105,25 +73,38 @@ class UpstreamStream(Response):
         call: UpstreamCall,
         body_done: anyio.Event | None,
         failure: list[ProxyError] | None = None,
+        *,
+        response: UpstreamResponse | None = None,
+        cache: str = "",
     ) -> None:
+        """``response``: an answer already opened (relay it); ``cache``: the
+        X-Cache-Status to add (content downloads relayed unstored say BYPASS)."""
         self.upstream, self.ex, self.call = upstream, ex, call
         self.body_done = body_done
         self.failure = failure if failure is not None else []
+        self.response = response
+        self.cache = cache
+        if cache:
+            ex.cache = cache
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        try:
-            response = await self.upstream.open(self.call)
-        except ProxyError:
-            if self.failure:  # the request body failed: that is the cause to report
-                raise self.failure[0] from None
-            raise
-        self.ex.upstream_ms = round((time.perf_counter() - started) * 1000, 3)
+        response = self.response
+        if response is None:
+            try:
+                response = await self.upstream.open(self.call)
+            except ProxyError:
+                if self.failure:  # the request body failed: that is the cause to report
+                    raise self.failure[0] from None
+                raise
+            self.ex.upstream_ms = round((time.perf_counter() - started) * 1000, 3)
         headers = [
             (k.lower(), v)
             for k, v in hdr.strip_hop_by_hop(response.raw_headers, also=_STRIP_FROM_STREAM)
         ]
+        if self.cache:
+            headers.append((b"x-cache-status", self.cache.encode()))
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
