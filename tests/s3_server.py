@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -86,7 +87,7 @@ def s3_server(bucket: str = "bvp-videos") -> Iterator[S3Server]:
 
     def bucket_made() -> bool:
         if process.poll() is not None:
-            raise AssertionError(open(os.path.join(data, "weed.log")).read()[-3000:])
+            raise AssertionError(Path(data, "weed.log").read_text()[-3000:])
         try:  # no identities configured: SeaweedFS accepts any signature
             return httpx.put(f"{endpoint}/{bucket}", timeout=1).status_code == 200
         except httpx.HTTPError:
