@@ -5,8 +5,12 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY config ./config
-RUN pip install . && useradd --system --uid 10001 --no-create-home proxy
+RUN pip install . && useradd --system --uid 10001 --no-create-home proxy \
+    && mkdir -p /var/cache/bifrost-video-proxy && chown proxy /var/cache/bifrost-video-proxy
 USER proxy
+# The content store (content_cache = disk): a volume, so stored videos survive restarts.
+ENV PROXY_CONTENT_DIR=/var/cache/bifrost-video-proxy
+VOLUME ["/var/cache/bifrost-video-proxy"]
 
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \

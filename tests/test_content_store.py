@@ -617,3 +617,34 @@ def test_s3_down_downloads_are_relayed(make_proxy: Any, upstream: Upstream) -> N
     assert r.status_code == 200 and len(r.content) == SIZE
     assert r.headers["x-cache-status"] == "BYPASS"
     assert metric(base, "bifrost_proxy_content_store_errors_total", '{op="open"}') >= 1
+
+
+def test_a_disk_failing_mid_fill_costs_the_client_nothing(
+    make_proxy: Any, held: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.content import objects
+
+    up = held(size=2 * 1024 * 1024, first=65536)
+    base = make_proxy(upstream_url=up.url)
+    job = f"{up.JOB}:runway"
+    seen_completed(base, job)
+    real_write, writes = objects.Spool.write, []
+
+    def full_disk(self: objects.Spool, position: int, data: bytes) -> None:
+        writes.append(position)
+        if len(writes) > 1:  # the first chunk fits, then the disk is full
+            raise objects.StoreError("spool write failed: No space left on device")
+        real_write(self, position, data)
+
+    monkeypatch.setattr(objects.Spool, "write", full_disk)
+    with ThreadPoolExecutor(1) as pool:
+        download = pool.submit(httpx.get, f"{base}/v1/videos/{job}/content", headers=ALICE)
+        wait_until(lambda: len(writes) == 1, what="the first chunk in the spool")
+        up.release.set()
+        r = download.result(30)
+    # Whole and exact: past the spool's end the rest was fetched again and skipped to.
+    assert r.status_code == 200 and r.content == up.body
+    assert len(up.content_requests) == 2
+    wait_until(lambda: not base.app.content.fills, what="the fill to end")
+    assert stored_files(base) == []
+    assert list((Path(base.app.settings.content_dir) / "spool").iterdir()) == []
