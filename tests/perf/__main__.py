@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,7 @@ error_log {workdir}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
+  log_format sent '$request_uri $body_bytes_sent';
   keepalive_requests 1000000;
   client_body_temp_path {workdir};
   proxy_temp_path {workdir};
@@ -91,7 +93,13 @@ http {{
   scgi_temp_path {workdir};
   server {{
     listen 127.0.0.1:{port};
-    location ~ ^/v1/videos/[^/]+/content$ {{ default_type video/mp4; alias {workdir}/video.bin; }}
+    location ~ ^/v1/videos/[^/]+/content$ {{
+      default_type video/mp4; alias {workdir}/video.bin;
+      access_log {workdir}/content.log sent;
+    }}
+    location ~ ^/v1/videos/(store_[a-z0-9_]+:openai)$ {{
+      default_type application/json; return 200 '{json.dumps(done).replace("video_done:openai", "$1")}';
+    }}
     location ~ ^/v1/videos/done {{ default_type application/json; return 200 '{json.dumps(done)}'; }}
     location /v1/videos/ {{ default_type application/json; return 200 '{json.dumps(running)}'; }}
   }}
@@ -356,6 +364,121 @@ def bench_memory(up: str, work: Path, rounds: int, results: dict[str, Any]) -> N
     }
 
 
+RANGES = """
+math.randomseed(7)
+request = function()
+  local a = math.random(0, %d - 65536)
+  return wrk.format("GET", "%s", {["Range"] = "bytes=" .. a .. "-" .. (a + 65535)})
+end
+"""
+
+
+def bench_content_store(
+    up: str, work: Path, rounds: int, seconds: float, results: dict[str, Any]
+) -> None:
+    """The content store: HIT speed, memory, shared fills, the cold probe, ranges."""
+    auth = {"Authorization": "Bearer sk-bf-bench"}
+    port, files_port = free_port(), free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {"PROXY_CONTENT_DIR": str(work / "store"), "PROXY_CONTENT_MAX_BYTES": str(2 << 30)}
+    with process(proxy_cmd(up, port), f"{base}/healthz", env=env, log=work / "store.log") as proc:
+
+        def seen(job: str) -> str:
+            assert (
+                httpx.get(f"{base}/v1/videos/{job}", headers=auth).json()["status"] == "completed"
+            )
+            return f"/v1/videos/{job}/content"
+
+        def stored(path: str) -> None:
+            wait_until(
+                lambda: (
+                    httpx.head(base + path, headers=auth).headers.get("x-cache-status") == "HIT"
+                ),
+                timeout=60,
+                what="the video to be stored",
+            )
+
+        # The cold probe: a player's bytes=0-1 while the first transfer has just begun.
+        probes = []
+        for n in range(max(rounds, 3)):
+            path = seen(f"store_probe{n}:openai")
+            direct = ttfb(up + path, {**auth, "Range": "bytes=0-1"})
+            proxied = ttfb(base + path, {**auth, "Range": "bytes=0-1"})
+            probes.append((proxied - direct) * 1000)
+            stored(path)
+        results["store_cold_probe_ttfb_ms"] = {
+            "value": statistics.median(probes), "target": "<= 50", "runs": probes,
+        }  # fmt: skip
+        # Ten concurrent downloads of a cold video: the upstream sends it once.
+        path = seen("store_ten:openai")
+        with ThreadPoolExecutor(10) as pool:
+            sizes = list(pool.map(lambda _: download(base + path, auth), range(10)))
+        assert len(sizes) == 10
+        sent = sum(
+            int(line.split()[1])
+            for line in (work / "content.log").read_text().splitlines()
+            if line.startswith(path)
+        )
+        results["store_upstream_bytes_for_10"] = {
+            "value": sent / DOWNLOAD_BYTES, "target": "<= 1", "bytes": sent,
+        }  # fmt: skip
+        # HIT speed against a direct download from the upstream, memory sampled.
+        stored(path)
+        download(base + path, auth)  # warm the page cache of the stored object
+        peak = [rss_mib(proc)]
+        before = peak[0]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak.append(rss_mib(proc))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        pairs = []
+        for _ in range(max(rounds, 3)):
+            direct = download(up + path, auth)
+            through = download(base + path, auth)
+            pairs.append((direct, through))
+        stop.set()
+        sampler.join()
+        results["store_hit_speed_vs_direct"] = {
+            "ratio": median_ratio(pairs), "target": ">= 1.0", "seconds": pairs,
+        }  # fmt: skip
+        results["store_hit_rss_growth_mib"] = {"value": max(peak) - before, "target": "<= 32"}
+        # 100 concurrent range reads: the store against Starlette's FileResponse.
+        script = work / "ranges.lua"
+        script.write_text(RANGES % (DOWNLOAD_BYTES, path))
+        files_env = {"BENCH_FILE": str(work / "video.bin"), "PYTHONPATH": str(HERE.parent.parent)}
+        ranges = []
+        with process(
+            uvicorn_cmd("tests.perf.baselines:files", files_port, files_env),
+            f"http://127.0.0.1:{files_port}/v1/videos/x/content",
+            env=files_env,
+        ):
+            for _ in range(rounds):
+                bare = wrk(f"http://127.0.0.1:{files_port}/", seconds, 100, script)["rps"]
+                mine = wrk(f"{base}/", seconds, 100, script, headers=auth)
+                assert mine["non2xx"] == 0, mine
+                ranges.append((mine["rps"], bare))
+                print(
+                    f"  round: ranges {mine['rps']:.0f} vs FileResponse {bare:.0f}", file=sys.stderr
+                )
+        results["store_ranges_vs_fileresponse"] = {
+            "ratio": median_ratio(ranges), "target": ">= 1.0", "runs": ranges,
+        }  # fmt: skip
+
+
+def ttfb(url: str, headers: dict[str, str]) -> float:
+    out = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{time_starttransfer}",
+         *[part for k, v in headers.items() for part in ("-H", f"{k}: {v}")], url],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return float(out.stdout)
+
+
 def download(url: str, headers: dict[str, str]) -> float:
     started = time.perf_counter()
     out = subprocess.run(
@@ -448,6 +571,7 @@ def main() -> int:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bvp-bench-") as tmp:
         work = Path(tmp)
+        os.environ["PROXY_CONTENT_DIR"] = str(work / "content")  # never ~/.cache
         with nginx(work) as up:
             print("throughput (wrk -t1 -c32), alternating proxy and baselines…", file=sys.stderr)
             bench_throughput(up, work, rounds, seconds, results)
@@ -455,6 +579,8 @@ def main() -> int:
             bench_workers(up, work, rounds, seconds, results)
             print("memory and downloads…", file=sys.stderr)
             bench_memory(up, work, rounds, results)
+            print("content store (256 MiB video)…", file=sys.stderr)
+            bench_content_store(up, work, rounds, seconds, results)
         print("polls (simulator, 20 jobs x 10 pollers)…", file=sys.stderr)
         bench_polls(results)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"
@@ -470,6 +596,11 @@ def main() -> int:
         "download_rss_growth_mib": "256 MiB download: RSS growth (MiB)",
         "download_speed_vs_direct": "256 MiB download speed ÷ direct",
         "workers2_vs_1": "--workers 2 HIT req/s ÷ 1 worker",
+        "store_hit_speed_vs_direct": "stored 256 MiB: HIT download speed ÷ direct",
+        "store_hit_rss_growth_mib": "stored 256 MiB: RSS growth during HITs (MiB)",
+        "store_upstream_bytes_for_10": "10 concurrent downloads: upstream bytes ÷ size",
+        "store_cold_probe_ttfb_ms": "cold bytes=0-1: TTFB after upstream's (ms)",
+        "store_ranges_vs_fileresponse": "100 conc. range reads ÷ Starlette FileResponse",
     }
     for key, label in names.items():
         figure = results[key]

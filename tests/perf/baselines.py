@@ -3,6 +3,7 @@
 - ``raw``: a raw ASGI callable returning the same bytes as a cache hit (the floor).
 - ``bare``: a Starlette route returning the same bytes as a cache hit.
 - ``reference``: a minimal Starlette pass-through on aiohttp's client.
+- ``files``: a Starlette ``FileResponse`` of a video (ranges served by Starlette).
 """
 
 from __future__ import annotations
@@ -49,3 +50,15 @@ async def forward(request: Request) -> Response:
 
 
 reference = Starlette(routes=[Route("/v1/videos/{video_id}", forward)])
+
+
+_FILE = os.environ.get("BENCH_FILE", "")
+
+
+async def file(request: Request) -> Response:
+    from starlette.responses import FileResponse
+
+    return FileResponse(_FILE, media_type="video/mp4")  # Range handled by Starlette
+
+
+files = Starlette(routes=[Route("/v1/videos/{video_id}/content", file)])
