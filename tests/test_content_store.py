@@ -588,6 +588,8 @@ def test_two_replicas_on_one_bucket_share_stored_videos(
             assert hit.content == expected and hit.headers["x-cache-status"] == "HIT"
             assert hit.headers["etag"] == first.headers["etag"]
             assert hit.headers["content-type"] == "video/mp4"
+            sdk = openai.OpenAI(base_url=f"{b.url}/openai/v1", api_key="sk-bf-alice")
+            assert sdk.videos.download_content(vid).read() == expected  # the SDK, from S3
             seek = httpx.get(url_b, headers={**ALICE, "Range": "bytes=100-199"})
             assert seek.status_code == 206 and seek.content == expected[100:200]
             assert seek.headers["content-range"] == f"bytes 100-199/{SIZE}"
@@ -649,3 +651,62 @@ def test_a_disk_failing_mid_fill_costs_the_client_nothing(
     wait_until(lambda: not base.app.content.fills, what="the fill to end")
     assert stored_files(base) == []
     assert list((Path(base.app.settings.content_dir) / "spool").iterdir()) == []
+
+
+def test_replicas_sharing_a_directory_and_workers_count_the_store_once(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    from tests.redis_server import redis_server
+    from tests.servers import run_proxy, run_replicas
+    from tests.test_redis_cache import redis_env
+
+    shared = str(tmp_path / "shared-store")
+    with redis_server() as redis:
+        env = {**redis_env(redis), "PROXY_CONTENT_DIR": shared}
+        with run_replicas(upstream.url, env, tmp_path) as (a, b):
+            vid = str(create(a.url)["id"])
+            upstream.clock.advance(31)
+            assert httpx.get(f"{a.url}/v1/videos/{vid}", headers=ALICE).json()["status"] == (
+                "completed"
+            )
+            first = httpx.get(f"{a.url}/v1/videos/{vid}/content", headers=ALICE)
+            assert first.headers["x-cache-status"] == "MISS"
+            wait_until(
+                lambda: (
+                    httpx.head(f"{b.url}/v1/videos/{vid}/content", headers=ALICE).headers.get(
+                        "x-cache-status"
+                    )
+                    == "HIT"
+                ),  # fmt: skip
+                what="replica B to find the object on the shared disk",
+            )
+            assert httpx.get(f"{b.url}/v1/videos/{vid}/content", headers=ALICE).content == (
+                first.content
+            )
+            assert content_gets(upstream) == 1
+    # Two workers on one directory: the gauges count each object once.
+    with run_proxy(
+        upstream.url, "--workers", "2", env={"PROXY_CONTENT_DIR": shared}, tmp_path=tmp_path
+    ) as proc:
+        wait_until(
+            lambda: metric(proc.url, "bifrost_proxy_content_store_objects") == 1,
+            what="one object counted once",
+        )
+        assert metric(proc.url, "bifrost_proxy_content_store_bytes") > SIZE
+
+
+def test_head_during_a_fill_and_of_nothing_stored(make_proxy: Any, held: Any) -> None:
+    up = held()
+    base = make_proxy(upstream_url=up.url)
+    job = f"{up.JOB}:runway"
+    seen_completed(base, job)
+    url = f"{base}/v1/videos/{job}/content"
+    with httpx.stream("GET", url, headers=ALICE) as r:
+        assert r.headers["x-cache-status"] == "MISS"
+        head = httpx.head(url, headers=ALICE)  # answered from the running fill
+        assert head.status_code == 200 and head.headers["x-cache-status"] == "MISS"
+        assert head.headers["etag"] == r.headers["etag"]
+        assert head.headers["content-length"] == str(up.size)
+        up.release.set()
+        assert b"".join(r.iter_bytes()) == up.body
+    assert len(up.content_requests) == 1

@@ -46,6 +46,7 @@ _HEADER = struct.Struct(">4sI")
 READ_CHUNK = 1024 * 1024
 WINDOW = 8 * READ_CHUNK  # a stored file is sent from mapped windows of this size
 MAX_META_BYTES = 16 * 1024
+S3_META_BYTES = 1800
 
 
 class StoreError(Exception):
@@ -485,7 +486,12 @@ class S3Objects(_Directory):
     async def commit(self, spool: Spool, key: str, meta: ObjectMeta) -> None:
         import obstore
 
-        attributes: dict[str, str] = {self.META: meta.dumps().decode()}
+        raw = meta.dumps()
+        if len(raw) > S3_META_BYTES:  # S3 allows 2 KiB of user metadata: keep the type only
+            kept = tuple((k, v) for k, v in meta.headers if k == "content-type")
+            meta = ObjectMeta(meta.size, meta.etag, meta.expires, kept)
+            raw = meta.dumps()
+        attributes: dict[str, str] = {self.META: raw.decode()}
         ctype = meta.header("content-type")
         if ctype:
             attributes["Content-Type"] = ctype
