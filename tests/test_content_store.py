@@ -671,15 +671,12 @@ def test_replicas_sharing_a_directory_and_workers_count_the_store_once(
             )
             first = httpx.get(f"{a.url}/v1/videos/{vid}/content", headers=ALICE)
             assert first.headers["x-cache-status"] == "MISS"
-            wait_until(
-                lambda: (
-                    httpx.head(f"{b.url}/v1/videos/{vid}/content", headers=ALICE).headers.get(
-                        "x-cache-status"
-                    )
-                    == "HIT"
-                ),  # fmt: skip
-                what="replica B to find the object on the shared disk",
-            )
+
+            def found_by_b() -> bool:
+                head = httpx.head(f"{b.url}/v1/videos/{vid}/content", headers=ALICE)
+                return head.headers.get("x-cache-status") == "HIT"
+
+            wait_until(found_by_b, what="replica B to find the object on the shared disk")
             assert httpx.get(f"{b.url}/v1/videos/{vid}/content", headers=ALICE).content == (
                 first.content
             )
