@@ -52,11 +52,14 @@ class IdRules:
 class VideoId:
     native: str  # fully decoded provider-native id, e.g. "models/veo/operations/abc"
     provider: str  # lower-cased, aliases applied
-    # ``PathEscape(native):provider``, exactly as Bifrost spells its own ids.
+    # ``PathEscape(native):provider``, exactly as Bifrost spells its own ids; a ":"
+    # inside the native part (no provider's ids have one) is escaped too, so that the
+    # first ":" always ends it and the id parses back to itself.
     canonical: str = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "canonical", f"{go_path_escape(self.native)}:{self.provider}")
+        native = go_path_escape(self.native).replace(":", "%3A")
+        object.__setattr__(self, "canonical", f"{native}:{self.provider}")
 
     @property
     def upstream_segment(self) -> str:

@@ -130,3 +130,12 @@ def test_canonical_is_idempotent(native: str) -> None:
 )
 def test_answer_ids(value: str, provider: str | None, expected: str) -> None:
     assert canonical_answer_id(value, provider, RULES) == expected
+
+
+def test_a_colon_inside_the_native_part_round_trips() -> None:
+    # Found by the property test: "0%253A:0" decodes to the native "0:"; the id the
+    # proxy sends upstream must parse back to the same id (it did not: "0::0").
+    video = parse_segment("0%253A:0", IdRules())
+    assert video.native == "0:" and video.provider == "0"
+    again = parse_segment(video.upstream_segment, IdRules())
+    assert again == video and again.upstream_segment == video.upstream_segment
