@@ -21,7 +21,7 @@ import aiohttp
 import httpx
 from yarl import URL
 
-from . import metrics
+from . import h1, metrics
 from .errors import NotSent, ProxyError
 from .settings import Settings
 
@@ -125,6 +125,16 @@ class _HttpxResponse(UpstreamResponse):
         await self._response.aclose()
 
 
+class _Answered(UpstreamResponse):
+    """An answer the lean client has read whole already."""
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status_code, self.raw_headers = status, headers
+
+    async def aclose(self) -> None:
+        pass
+
+
 class _CleanPoolConnector(aiohttp.TCPConnector):
     """Never hands out a pooled connection that received bytes while idle.
 
@@ -176,6 +186,13 @@ class Upstream:
                 trust_env=False,
             )
         connect = settings.upstream_connect_timeout_seconds
+        # Plain GETs read whole (retrieve, list) take the lean client (see h1.py).
+        self._lean = (
+            None
+            if self._use_httpx
+            else h1.LeanClient(settings.upstream_url, settings.upstream_max_connections)
+        )
+        self._connect_timeout = connect
         self._json_timeouts = (settings.upstream_timeout_seconds, connect, None)
         self._stream_timeouts = (None, connect, settings.content_timeout_seconds)
         # Built once: aiohttp's timeout objects are immutable.
@@ -187,6 +204,8 @@ class Upstream:
         }  # fmt: skip
 
     async def aclose(self) -> None:
+        if self._lean is not None:
+            self._lean.close()
         if self._use_httpx:
             await self._httpx.aclose()
         else:
@@ -253,6 +272,8 @@ class Upstream:
 
     async def fetch(self, call: UpstreamCall, max_bytes: int) -> tuple[UpstreamResponse, bytes]:
         """Send and read the whole (raw, undecoded) body within the total timeout."""
+        if self._lean is not None and call.method == "GET" and call.content is None:
+            return await self._lean_fetch(call, max_bytes)
         # aiohttp's ClientTimeout(total=…) already bounds the whole exchange; httpx's
         # timeouts are per operation, so bound it here.
         try:
@@ -268,6 +289,39 @@ class Upstream:
             metrics.UPSTREAM_ERRORS.labels(call.route, exc.kind).inc()
             raise map_error(exc.kind, exc) from None
         return response, body
+
+    async def _lean_fetch(
+        self, call: UpstreamCall, max_bytes: int
+    ) -> tuple[UpstreamResponse, bytes]:
+        """A plain GET on the lean client, under one deadline; errors mapped as for
+        aiohttp's (the same statuses, messages and metrics)."""
+        assert self._lean is not None
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.total_timeout):
+                status, headers, body = await self._lean.get(
+                    call.path, call.query, call.headers, max_bytes, self._connect_timeout
+                )
+        except TimeoutError:
+            metrics.UPSTREAM_ERRORS.labels(call.route, "timeout").inc()
+            raise ProxyError(504, "upstream timed out") from None
+        except h1.Refused:
+            metrics.UPSTREAM_ERRORS.labels(call.route, "connect").inc()
+            raise UpstreamUnreachable(
+                502, "upstream unreachable: could not connect to Bifrost"
+            ) from None
+        except h1.TooLarge:
+            raise ProxyError(502, f"upstream answer larger than {max_bytes} bytes") from None
+        except h1.Broken as exc:
+            metrics.UPSTREAM_ERRORS.labels(call.route, "protocol").inc()
+            raise ProxyError(502, f"upstream protocol error: {exc}") from None
+        if not 200 <= status <= 599:
+            metrics.UPSTREAM_ERRORS.labels(call.route, "protocol").inc()
+            raise ProxyError(502, "upstream answered with an invalid status code")
+        metrics.child(metrics.UPSTREAM_DURATION, call.route, "GET", str(status)).observe(
+            time.perf_counter() - started
+        )
+        return _Answered(status, headers), body
 
     async def _open_and_read(
         self, call: UpstreamCall, max_bytes: int

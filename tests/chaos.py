@@ -30,6 +30,7 @@ MODES = (
     "stray_same_write",  # answer and a second answer in one write
     "bad_status",  # HTTP/1.1 999
     "big_download",  # download_bytes of zeros, counted in sent_bytes
+    "close_after",  # a whole keep-alive answer, then the connection closed (idle close)
 )
 STRAY = b'{"id":"victim_job:openai","object":"video","status":"completed","progress":100}'
 
@@ -160,7 +161,7 @@ class Chaos:
             return False
         writer.write(head % len(body) + body)
         await writer.drain()
-        return True
+        return mode != "close_after"
 
 
 @contextlib.contextmanager
