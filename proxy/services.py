@@ -177,7 +177,7 @@ class Services:
             self.flush_metrics()
             rows, self.access_rows = self.access_rows, []
             await self.access_writer.write(rows, dict)
-            await self.access_writer.write(self.hot.take_lines(), hit_row)
+            await self.access_writer.write_hits(self.hot.take_lines(), hit_row)
             try:  # records held while the shared store was down
                 await self.owners.flush_backlog()
                 await self.idempotency.flush_backlog()

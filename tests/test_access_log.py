@@ -37,3 +37,37 @@ def test_lines_reach_the_log_within_the_flush_interval(upstream: Upstream, tmp_p
     with run_proxy(upstream.url, tmp_path=tmp_path) as proc:
         httpx.get(proc.url + "/v1/videos/video_x:openai", headers={"X-Request-ID": "soon"})
         wait_until(lambda: '"request_id":"soon"' in proc.log(), timeout=5, what="the line")
+
+
+def test_fast_hit_lines_are_byte_identical_to_the_general_format() -> None:
+    import asyncio
+    import logging
+    import weakref
+
+    from proxy import logs
+    from proxy.hotpath import HotHit, hit_row
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logs.JsonFormatter())
+    root, proxy_log = logging.getLogger(), logging.getLogger("proxy")
+    saved = root.handlers[:], proxy_log.level
+    root.handlers[:] = [handler]
+    proxy_log.setLevel(logging.INFO)
+    try:
+
+        class Dummy:
+            pass
+
+        ref: Any = weakref.ref(Dummy())
+        hits = [
+            (1795000000.123, HotHit("k", ref, 0, "gemini", []), 0.0004567, "rid-1"),
+            (1795000001.999, HotHit("k", ref, 1, "other", []), 1.25, 'we"ird\\id'),
+        ]
+        writer = logs.AccessWriter()
+        writer.close()  # no consumer: what is submitted stays in the queue, to read here
+        asyncio.run(writer.write_hits(hits, hit_row))
+        expected = logs.access_lines([hit_row(h) for h in hits], {})
+        assert writer._batches.get_nowait() == expected
+        assert writer._batches.empty()
+    finally:
+        root.handlers[:], _ = saved[0], proxy_log.setLevel(saved[1])

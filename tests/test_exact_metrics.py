@@ -219,7 +219,7 @@ def test_a_real_prometheus_sees_one_count_per_transition(
         def rules_healthy() -> bool:
             groups = httpx.get(url + "/api/v1/rules").json()["data"]["groups"]
             rules = [rule for group in groups for rule in group["rules"]]
-            return len(rules) == 10 and all(rule["health"] == "ok" for rule in rules)
+            return len(rules) == 11 and all(rule["health"] == "ok" for rule in rules)
 
         wait_until(rules_healthy, timeout=30, what="every alert rule evaluated and healthy")
         firing = query(url, 'ALERTS{alertstate="firing"}')
