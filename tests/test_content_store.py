@@ -707,3 +707,23 @@ def test_head_during_a_fill_and_of_nothing_stored(make_proxy: Any, held: Any) ->
         up.release.set()
         assert b"".join(r.iter_bytes()) == up.body
     assert len(up.content_requests) == 1
+
+
+def test_a_stored_object_whose_size_is_off_is_treated_as_missing(
+    make_proxy: Any, upstream: Upstream
+) -> None:
+    base = make_proxy()
+    vid = completed(base, upstream)
+    expected = expected_content(vid.rpartition(":")[0], "video", SIZE)
+    httpx.get(f"{base}/v1/videos/{vid}/content", headers=ALICE)
+    wait_until(lambda: len(stored_files(base)) == 1, what="commit")
+    [stored] = stored_files(base)
+    os.truncate(stored, stored.stat().st_size - 1000)  # damaged behind the proxy's back
+    r = httpx.get(f"{base}/v1/videos/{vid}/content", headers=ALICE)
+    assert r.status_code == 200 and r.content == expected  # never the damaged bytes
+    assert r.headers["x-cache-status"] == "MISS" and content_gets(upstream) == 2
+    wait_until(
+        lambda: len(stored_files(base)) == 1 and stored_files(base)[0].stat().st_size > SIZE,
+        what="the refill",
+    )
+    assert httpx.get(f"{base}/v1/videos/{vid}/content", headers=ALICE).content == expected

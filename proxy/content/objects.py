@@ -44,7 +44,10 @@ log = logging.getLogger("proxy.content")
 MAGIC = b"BVP1"
 _HEADER = struct.Struct(">4sI")
 READ_CHUNK = 1024 * 1024
-WINDOW = 8 * READ_CHUNK  # a stored file is sent from mapped windows of this size
+# A stored file is sent from mapped windows, in slices (measured against a direct
+# nginx download of 256 MiB: 1 MiB slices 1.00, 4 MiB 1.07, 256 KiB 0.90).
+WINDOW = 8 * READ_CHUNK
+SEND_SLICE = 4 * READ_CHUNK
 MAX_META_BYTES = 16 * 1024
 S3_META_BYTES = 1800
 
@@ -177,7 +180,7 @@ class _Directory:
         self.spool_dir = self.root / "spool"
         self._lock_fd: int | None = None
         try:
-            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # ours alone
         except OSError as exc:
             log.warning("content directory unusable: %s", exc.strerror)
 
@@ -245,7 +248,7 @@ class _DiskStored:
                 stop = min(base + len(view), end)
                 pending = loop.run_in_executor(None, self._map, stop, end) if stop < end else None
                 while position < stop:
-                    count = min(READ_CHUNK, stop - position)
+                    count = min(SEND_SLICE, stop - position)
                     yield view[position - base : position - base + count]  # type: ignore[misc]
                     position += count
                 del view  # unmapped once the last slice is sent and dropped
@@ -268,7 +271,7 @@ class DiskObjects(_Directory):
         self.objects = self.root / "objects"
         self.max_bytes = max_bytes
         with contextlib.suppress(OSError):
-            self.objects.mkdir(parents=True, exist_ok=True)
+            self.objects.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
         return self.objects / key
@@ -342,7 +345,7 @@ class DiskObjects(_Directory):
     async def commit(self, spool: Spool, key: str, meta: ObjectMeta) -> None:
         path = self._path(key)
         try:
-            path.parent.mkdir(exist_ok=True)
+            path.parent.mkdir(mode=0o700, exist_ok=True)
             os.replace(spool.path, path)  # atomic: the whole object, or none
         except OSError as exc:
             spool.discard()
