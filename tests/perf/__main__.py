@@ -367,25 +367,10 @@ def bench_memory(up: str, work: Path, rounds: int, results: dict[str, Any]) -> N
     with process(
         proxy_cmd(up, port), f"http://127.0.0.1:{port}/healthz", log=work / "download.log"
     ) as proc:
-        peak = [rss_mib(proc)]
-        before = peak[0]
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                peak.append(rss_mib(proc))
-                time.sleep(0.05)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        pairs = []
-        for _ in range(max(rounds, 3)):  # alternate: direct, then through the proxy
-            direct = download(up + url, auth)
-            through = download(f"http://127.0.0.1:{port}{url}", auth)
-            pairs.append((direct, through))
-        stop.set()
-        sampler.join()
-    results["download_rss_growth_mib"] = {"value": max(peak) - before, "target": "<= 32"}
+        pairs, growth = sampled_downloads(
+            proc, up + url, f"http://127.0.0.1:{port}{url}", auth, rounds
+        )
+    results["download_rss_growth_mib"] = {"value": growth, "target": "<= 32"}
     results["download_speed_vs_direct"] = {
         "ratio": median_ratio(pairs),
         "target": ">= 0.5",
@@ -454,28 +439,11 @@ def bench_content_store(
         # HIT speed against a direct download from the upstream, memory sampled.
         stored(path)
         download(base + path, auth)  # warm the page cache of the stored object
-        peak = [rss_mib(proc)]
-        before = peak[0]
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                peak.append(rss_mib(proc))
-                time.sleep(0.05)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        pairs = []
-        for _ in range(max(rounds, 3)):
-            direct = download(up + path, auth)
-            through = download(base + path, auth)
-            pairs.append((direct, through))
-        stop.set()
-        sampler.join()
+        pairs, growth = sampled_downloads(proc, up + path, base + path, auth, rounds)
         results["store_hit_speed_vs_direct"] = {
             "ratio": median_ratio(pairs), "target": ">= 1.0", "seconds": pairs,
         }  # fmt: skip
-        results["store_hit_rss_growth_mib"] = {"value": max(peak) - before, "target": "<= 32"}
+        results["store_hit_rss_growth_mib"] = {"value": growth, "target": "<= 32"}
         # 100 concurrent range reads: the store against Starlette's FileResponse.
         script = work / "ranges.lua"
         script.write_text(RANGES % (DOWNLOAD_BYTES, path))
@@ -497,6 +465,32 @@ def bench_content_store(
         results["store_ranges_vs_fileresponse"] = {
             "ratio": median_ratio(ranges), "target": ">= 1.0", "runs": ranges,
         }  # fmt: skip
+
+
+def sampled_downloads(
+    proc: psutil.Process, direct_url: str, proxy_url: str, auth: dict[str, str], rounds: int
+) -> tuple[list[tuple[float, float]], float]:
+    """Alternated (direct, through the proxy) download times, and the proxy's peak RSS
+    growth meanwhile (sampled every 50 ms)."""
+    peak = [rss_mib(proc)]
+    before = peak[0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak.append(rss_mib(proc))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    pairs = []
+    for _ in range(max(rounds, 3)):
+        direct = download(direct_url, auth)
+        through = download(proxy_url, auth)
+        pairs.append((direct, through))
+    stop.set()
+    sampler.join()
+    return pairs, max(peak) - before
 
 
 def ttfb(url: str, headers: dict[str, str]) -> float:
