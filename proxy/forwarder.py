@@ -170,8 +170,8 @@ async def track_statuses(services: Services, doc: dict[str, Any], ex: Exchange) 
     """Feed every job status an answer reveals (one job, or a list) to the tracker; a
     job answered ``completed`` on its own (not in a list) may be stored (see content)."""
     data = doc.get("data")
-    single = not isinstance(data, list)
-    items: list[Any] = [doc] if single else data  # type: ignore[assignment]
+    items = data if isinstance(data, list) else [doc]
+    single = items is not data
     try:
         for item in items:
             if not isinstance(item, dict):

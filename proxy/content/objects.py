@@ -31,6 +31,7 @@ import mmap
 import os
 import secrets
 import struct
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -39,6 +40,8 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from cachetools import LRUCache
+
+from .. import metrics
 
 log = logging.getLogger("proxy.content")
 MAGIC = b"BVP1"
@@ -203,8 +206,6 @@ class _Directory:
 
     def clear_stray_spools(self, older_than: float) -> None:
         """Spool files no fill holds any more (a killed process): removed."""
-        import time
-
         with contextlib.suppress(OSError), os.scandir(self.spool_dir) as it:
             for entry in it:
                 with contextlib.suppress(OSError):
@@ -337,8 +338,6 @@ class DiskObjects(_Directory):
             with contextlib.suppress(OSError):
                 os.unlink(path)
                 total -= stored_size
-                from .. import metrics
-
                 metrics.CONTENT_EVICTIONS.inc()
         return total + size + MAX_META_BYTES <= self.max_bytes
 

@@ -17,6 +17,7 @@ import hmac
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,7 @@ class ContentStore:
         self.opening: dict[str, asyncio.Future[Fill | None]] = {}
         self._seen_completed: LRUCache[str, bool] = LRUCache(100_000)
         self._background: set[asyncio.Task[Any]] = set()
+        self._swept = 0.0  # when expired objects were last dropped
 
     # -- lifecycle -------------------------------------------------------------------
     def open(self) -> None:
@@ -290,7 +292,10 @@ class ContentStore:
         if isinstance(self.objects, S3Objects):
             self.objects.counting = counting
         try:
-            await self.objects.sweep(self.clock())
+            now = time.monotonic()
+            if now - self._swept >= SWEEP_SECONDS:  # not on every scrape: it reads every object
+                self._swept = now
+                await self.objects.sweep(self.clock())
             found = await self.objects.stats()
         except Exception as exc:
             metrics.CONTENT_STORE_ERRORS.labels("stats").inc()

@@ -103,10 +103,7 @@ async def content(request: Request) -> Response:
     if fill is None and ex.method == "GET" and store.can_fill():
         done = await store.completion(video.canonical)
         if done is not None:  # only a job seen completed is stored
-            call = UpstreamCall(
-                "GET", path, query, forward_headers(ex, drop=_NOT_FOR_A_FILL),
-                retry_idempotent=True, streaming=True, route=ex.route,
-            )  # fmt: skip
+            call = whole_object(ex, path, query, ex.route)
             fill, response = await store.begin_fill(
                 key, services.upstream, call, (video.canonical, variant, done)
             )
@@ -115,12 +112,17 @@ async def content(request: Request) -> Response:
                     services.upstream, ex, call, None, response=response, cache="BYPASS"
                 )
     if fill is not None:
-        refetch = UpstreamCall(
-            "GET", path, query, forward_headers(ex, drop=_NOT_FOR_A_FILL),
-            retry_idempotent=True, streaming=True, route=ex.route,
-        )  # fmt: skip
+        refetch = whole_object(ex, path, query, ex.route)  # if the store fails mid-fill
         return ContentAnswer(ex, fill.meta, fill, "MISS", (services.upstream, refetch))
     return bypass(services.upstream, ex, relay)
+
+
+def whole_object(ex: Exchange, path: str, query: bytes, route: str) -> UpstreamCall:
+    """The upstream GET of a whole video, as a fill (or its refetch) sends it."""
+    return UpstreamCall(
+        "GET", path, query, forward_headers(ex, drop=_NOT_FOR_A_FILL), retry_idempotent=True,
+        streaming=True, route=route,
+    )  # fmt: skip
 
 
 def bypass(
@@ -279,11 +281,9 @@ async def prefetch(services: Services, ex: Exchange, job_id: str) -> None:
     if done is None:
         return
     prefix = "/openai/v1/videos" if ex.route.startswith("/openai/") else "/v1/videos"
-    call = UpstreamCall(
-        "GET", f"{prefix}/{video.upstream_segment}/content", b"",
-        forward_headers(ex, drop=_NOT_FOR_A_FILL), retry_idempotent=True, streaming=True,
-        route=prefix + "/{video_id}/content",
-    )  # fmt: skip
+    call = whole_object(
+        ex, f"{prefix}/{video.upstream_segment}/content", b"", prefix + "/{video_id}/content"
+    )
     try:
         fill, response = await store.begin_fill(
             key, services.upstream, call, (video.canonical, "video", done)
