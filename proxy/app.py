@@ -33,7 +33,7 @@ from .endpoints import content, events, jobs, listing, ops, retrieve, streaming
 from .errors import ProxyError
 from .exchange import EXCHANGE, error_response
 from .front import FrontDispatch
-from .hotpath import HotPathMiddleware
+from .hotpath import HitMemo, HotPathMiddleware
 from .middleware import ObserveMiddleware, RawPathRouting
 from .services import Services
 from .settings import Settings, load
@@ -108,6 +108,11 @@ class ProxyStarlette(Starlette):
         super().__init__(**kwargs)
         self.hot_path = hot_path
 
+    @property
+    def hit_lane(self) -> HitMemo | None:
+        """The memoised HITs the HTTP protocol may answer itself (see hotpath.py)."""
+        return None if self.hot_path is None else self.hot_path.memo
+
     def build_middleware_stack(self) -> ASGIApp:
         stack = super().build_middleware_stack()
         if self.hot_path is None:
@@ -140,7 +145,7 @@ def create_app(
         (r.path for r in ROUTES if isinstance(r, Route) and r.endpoint is retrieve.retrieve),
     )
     app = ProxyStarlette(
-        hot_path=HotPathMiddleware(None, services.hot, services.log_access, front),
+        hot_path=HotPathMiddleware(None, services.hot, front),
         routes=ROUTES,
         middleware=[Middleware(ObserveMiddleware, services=services), Middleware(RawPathRouting)],
         exception_handlers={ProxyError: proxy_error, HTTPException: router_error},

@@ -1,8 +1,15 @@
-"""The cache-hit fast path: a pure ASGI middleware in front of everything else.
+"""The cache-hit fast path: memoised HITs, answered before anything else.
 
 An identical repeat of a GET that was a HIT (same raw path, same credentials) is
 answered from precomputed headers and the cached body, without routing, Request
 objects or parsing. Everything else, and any doubt, falls through to the app.
+
+Two doors lead here. The HTTP protocol (``protocol.GuardedHttpToolsProtocol``) asks
+``HitMemo.answer_wire`` as soon as a keep-alive GET's headers are parsed, and writes
+the whole answer in one write, with no ASGI cycle or task at all. Whatever it declines
+(``Connection: close``, HTTP/1.0, a pipelined request behind a busy one, a client not
+reading) reaches ``HotPathMiddleware``, the outermost ASGI layer, which sends the same
+bytes through uvicorn.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE
 
 from . import headers as hdr
 from . import metrics
@@ -31,19 +39,40 @@ _SLOW_PATH_HEADERS = frozenset(
 )
 
 
-def hot_key(scope: Scope, identity: bytes | None = None) -> tuple[bytes, bytes] | None:
+Headers = list[tuple[bytes, bytes]]
+HotKey = tuple[bytes, bytes]
+
+
+def hot_key(scope: Scope, identity: bytes | None = None) -> HotKey | None:
     """(raw path, identity headers) of a plain GET, or None if it must take the slow
     path (a query string, or a header in ``_SLOW_PATH_HEADERS``). The identity is the
     credentials plus ``identity`` (``ownership_header``), as the cache key's tenant."""
     if scope["query_string"]:
         return None
+    return path_key(scope.get("raw_path") or scope["path"].encode(), scope["headers"], identity)
+
+
+def path_key(raw_path: bytes, headers: Headers, identity: bytes | None) -> HotKey | None:
+    """``hot_key`` of a request without a query string, from its raw path and headers
+    (lower-case names, as uvicorn gives them)."""
     creds = b""
-    for name, value in scope["headers"]:
+    for name, value in headers:
         if name in CREDENTIAL_HEADERS or name.startswith(EXTRA_HEADER_PREFIX) or name == identity:
             creds += name + b"\x00" + value + b"\x01"
         elif name in _SLOW_PATH_HEADERS:
             return None
-    return scope.get("raw_path") or scope["path"].encode(), creds
+    return raw_path, creds
+
+
+def wire_block(headers: Headers) -> bytes | None:
+    """Header lines exactly as uvicorn's ``send`` writes them, or None where it would
+    refuse one (then only the ASGI door answers, and refuses as it always has)."""
+    lines = []
+    for name, value in headers:
+        if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
+            return None
+        lines.append(name.lower() + b": " + value + b"\r\n")
+    return b"".join(lines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +87,8 @@ class HotHit:
     entry_ref: weakref.ref[Entry]
     route: int  # index into HIT_ROUTES
     provider: str
-    headers: list[tuple[bytes, bytes]]
+    headers: Headers
+    head: bytes | None = None  # status line and ``headers`` as written on the wire (see wire_block)
 
 
 class HitMemo:
@@ -66,10 +96,14 @@ class HitMemo:
 
     cache: CacheStore | None = None  # set once the store is open
 
-    def __init__(self, clock: Callable[[], float], identity: bytes | None = None) -> None:
+    def __init__(
+        self, clock: Callable[[], float], identity: bytes | None = None, log_access: bool = False
+    ) -> None:
         self.clock = clock
         self.identity = identity
-        self.slots: dict[tuple[bytes, bytes], HotHit] = {}
+        self.log_access = log_access
+        self.slots: dict[HotKey, HotHit] = {}
+        self.wire_answers = 0  # HITs the protocol wrote itself (for tests and operators)
         self.hits = metrics.HitRecorder(HIT_ROUTES)
         self.lines: list[HitLine] = []
 
@@ -104,18 +138,35 @@ class HitMemo:
             if slot is not None and slot.entry_ref is ref:
                 del slots[hk]
 
+        block = wire_block(headers)
+        head = None if block is None else STATUS_LINE[entry.status] + block
         ref = weakref.ref(entry, forget)
-        slots[hk] = HotHit(key, ref, HIT_ROUTES.index(route_template), provider, headers)
+        route = HIT_ROUTES.index(route_template)
+        slots[hk] = HotHit(key, ref, route, provider, headers, head)
 
-    async def send(self, hot: HotHit, scope: Scope, send: Send, log_access: bool) -> bool:
-        """Answer from the memo; False when the store no longer holds that entry."""
-        started = time.perf_counter()
+    def _live(self, hot: HotHit, hk: HotKey) -> tuple[Entry, float] | None:
+        """The memo's entry and the time now, if the store still holds it unexpired."""
         entry = hot.entry_ref()
         now = self.clock()
         assert self.cache is not None
         if entry is None or self.cache.get_nowait(hot.key) is not entry or not now < entry.deadline:
-            self.slots.pop(hot_key(scope, self.identity), None)  # type: ignore[arg-type]
-            return False  # deleted, evicted, refreshed or expired: the slow path decides
+            self.slots.pop(hk, None)
+            return None  # deleted, evicted, refreshed or expired: the slow path decides
+        return entry, now
+
+    def _done(self, hot: HotHit, started: float, rid: str) -> None:
+        seconds = time.perf_counter() - started
+        self.hits.record(hot.route, seconds)
+        if self.log_access:
+            self.lines.append((time.time(), hot, seconds, rid))
+
+    async def send(self, hot: HotHit, scope: Scope, send: Send) -> bool:
+        """Answer from the memo; False when the store no longer holds that entry."""
+        started = time.perf_counter()
+        live = self._live(hot, hot_key(scope, self.identity))  # type: ignore[arg-type]
+        if live is None:
+            return False
+        entry, now = live
         rid = request_id(hdr.get(scope["headers"], b"x-request-id"))
         headers = [
             *hot.headers,
@@ -124,10 +175,33 @@ class HitMemo:
         ]
         await send({"type": "http.response.start", "status": entry.status, "headers": headers})
         await send({"type": "http.response.body", "body": entry.body})
-        seconds = time.perf_counter() - started
-        self.hits.record(hot.route, seconds)
-        if log_access:
-            self.lines.append((time.time(), hot, seconds, rid))
+        self._done(hot, started, rid)
+        return True
+
+    def answer_wire(
+        self, hk: HotKey, headers: Headers, defaults: bytes, write: Callable[[bytes], object]
+    ) -> bool:
+        """The protocol's door: write a memoised HIT as one HTTP/1.1 message (``defaults``
+        are uvicorn's default header lines, written first as its ``send`` does); False
+        when there is none, and nothing was written."""
+        hot = self.slots.get(hk)
+        if hot is None or hot.head is None:
+            return False
+        started = time.perf_counter()
+        live = self._live(hot, hk)
+        if live is None:
+            return False
+        entry, now = live
+        rid = request_id(hdr.get(headers, b"x-request-id"))
+        tail = b"age: %d\r\nx-request-id: %s\r\n\r\n" % (now - entry.stored_at, rid.encode())
+        if defaults:  # the status line comes first, then uvicorn's defaults, then ours
+            cut = hot.head.index(b"\r\n") + 2
+            message = b"".join((hot.head[:cut], defaults, hot.head[cut:], tail, entry.body))
+        else:
+            message = b"".join((hot.head, tail, entry.body))
+        self._done(hot, started, rid)
+        self.wire_answers += 1
+        write(message)  # last: if anything above raised, nothing was written
         return True
 
     def take_lines(self) -> list[HitLine]:
@@ -152,12 +226,9 @@ def hit_row(line: HitLine) -> dict[str, Any]:
 class HotPathMiddleware:
     """Pure ASGI (never BaseHTTPMiddleware): a HIT costs a dict lookup and two sends."""
 
-    def __init__(
-        self, app: ASGIApp | None, memo: HitMemo, log_access: bool, front: Any = None
-    ) -> None:
+    def __init__(self, app: ASGIApp | None, memo: HitMemo, front: Any = None) -> None:
         self.app = app
         self.memo = memo
-        self.log_access = log_access
         self.front = front  # front.FrontDispatch: plain retrieve misses, without routing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -165,7 +236,7 @@ class HotPathMiddleware:
             key = hot_key(scope, self.memo.identity)
             if key is not None:
                 hot = self.memo.slots.get(key)
-                if hot is not None and await self.memo.send(hot, scope, send, self.log_access):
+                if hot is not None and await self.memo.send(hot, scope, send):
                     return
                 route = self.front.route_of(scope) if self.front is not None else None
                 if route is not None:

@@ -13,16 +13,24 @@ uvicorn leaves four holes that this subclass closes, each answered the way nginx
 - a request with ``Upgrade`` that is not upgraded (WebSockets are off) leaves the
   parser stopped: it is answered as plain HTTP and the connection then closed,
   without logging its headers.
+
+It also opens the hit lane: a keep-alive GET that repeats a memoised HIT is answered
+here, as soon as its headers are parsed, in one write (``HitMemo.answer_wire``). An
+ASGI cycle, its task and two checked ``send`` calls cost more than the rest of a HIT.
+The lane only takes a request nothing else is waiting before (no response in progress,
+no pipelined request queued, the client reading), so answers keep their order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .errors import error_body
+from .hotpath import HitMemo, path_key
 
 log = logging.getLogger("proxy.protocol")
 
@@ -58,6 +66,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     _in_head = True  # the parser is inside a request line or header section
     _head_bytes = 0  # bytes received while in the current head (an upper bound)
     _refused = False  # answered and closing: nothing more is parsed
+    _laned = False  # the current request was answered by the hit lane
+    lane: HitMemo | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The proxy's app offers its memo; another app (or one wrapped by uvicorn for
+        # trace logging) gets no lane, and every request goes through ASGI.
+        self.lane = getattr(self.app, "hit_lane", None)
 
     def _schedule(self, delay: float) -> None:
         self._header_timer = self.loop.call_later(delay, self._check_headers)
@@ -108,7 +124,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if size > self.max_header_bytes:
                 self._refuse(_TOO_LARGE_ANSWER)
                 return
-        super().on_headers_complete()
+        if self.lane is not None and self._answer_from_lane():
+            self._laned = True
+        else:
+            super().on_headers_complete()
         # httptools reports a chunked body's trailer fields through on_header, which
         # appends to this list, the request's scope["headers"]: give it a list nobody
         # reads, so trailers never become headers (on_message_begin makes a new one).
@@ -120,8 +139,44 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._in_head, self._head_bytes = True, 0
-        if not self._refused:
+        if self._laned:  # answered already, and no cycle was made for it
+            self._laned = False
+        elif not self._refused:
             super().on_message_complete()
+
+    def _answer_from_lane(self) -> bool:
+        """Answer a memoised HIT now, or say no (and nothing was written)."""
+        url, parser, cycle = self.url, self.parser, self.cycle
+        if (
+            parser.get_method() != b"GET"
+            or (cycle is not None and not cycle.response_complete)  # answers keep order
+            or self.pipeline
+            or self.flow.write_paused  # a client not reading waits in ASGI's drain
+            or not url.startswith(b"/")  # absolute-form, or asterisk
+            or b"?" in url  # a query string (or a fragment: llhttp keeps it in the URL)
+            or b"#" in url
+            or self.root_path
+            or parser.get_http_version() != "1.1"
+            or not parser.should_keep_alive()  # Connection: close is ASGI's to honour
+            or parser.should_upgrade()
+            or self.expect_100_continue
+        ):
+            return False
+        assert self.lane is not None
+        key = path_key(url, self.headers, self.lane.identity)
+        if key is None:
+            return False
+        defaults = b"".join(
+            name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
+        )
+        try:
+            if not self.lane.answer_wire(key, self.headers, defaults, self.transport.write):
+                return False
+        except Exception:  # never lose a request to the lane: ASGI answers it instead
+            log.exception("hit lane failed; answering through the app")
+            return False
+        self.on_response_complete()  # as after any answer: keep-alive timer, counters
+        return True
 
     def _unsupported_upgrade_warning(self) -> None:
         # uvicorn's own warning would fire on every such request; the parser stops at

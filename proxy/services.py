@@ -89,7 +89,6 @@ class Services:
         )
         self.flights: SingleFlight[Reply] = SingleFlight()
         self.tracker = StatusTracker()
-        self.hot = HitMemo(clock, self.owners.header)
         # Waiting clients (long-poll, SSE) share one watcher per job and tenant.
         self.watchers = Watchers(
             settings.poll_coalesce_seconds or 1.0, settings.max_waiters, clock,
@@ -104,6 +103,7 @@ class Services:
         # shutdown): the logging machinery per request cost ~10% of a pass-through.
         self.access_rows: list[dict[str, Any]] = []
         self.log_access = log.isEnabledFor(logging.INFO)
+        self.hot = HitMemo(clock, self.owners.header, self.log_access)
         self.draining = False
         self.ready_cache: tuple[float, bool] = (0.0, False)
 
