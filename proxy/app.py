@@ -1,6 +1,9 @@
 """The Starlette application: its routes table, middleware, lifespan and error handlers.
 
-request ─▶ HotPathMiddleware (outermost, pure ASGI) ─(memoised HIT)─▶ answer
+request ─▶ protocol.GuardedHttpToolsProtocol ─(keep-alive GET, memoised HIT)─▶ answer
+             │ (the hit lane: one write, no ASGI cycle)
+             ▼
+           HotPathMiddleware (outermost, pure ASGI) ─(memoised HIT)─▶ answer
              │         └─(plain retrieve miss)─▶ front.FrontDispatch ─▶ answer
              │ anything else
              ▼
