@@ -127,6 +127,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.lane is not None and self._answer_from_lane():
             self._laned = True
         else:
+            # A HIT the lane answered earlier in this same read armed the keep-alive
+            # timer (uvicorn cancels it only when data arrives): this request must not
+            # run under it.
+            self._unset_keepalive_if_required()
             super().on_headers_complete()
         # httptools reports a chunked body's trailer fields through on_header, which
         # appends to this list, the request's scope["headers"]: give it a list nobody

@@ -29,7 +29,7 @@ from tests.conftest import Upstream, make_settings
 from tests.rawhttp import closed_by_peer, connect, read_response
 from tests.servers import serve_in_thread
 from tests.test_cache import finish
-from tests.test_proxy_core import ALICE
+from tests.test_proxy_core import ALICE, create
 
 AUTH = b"Authorization: Bearer sk-bf-alice\r\n"
 
@@ -231,3 +231,20 @@ def test_a_socket_closed_right_after_the_request_costs_nothing(upstream: Upstrea
             sock.close()  # RST at once
         r = httpx.get(base + path, headers=ALICE)
         assert r.status_code == 200 and r.headers["x-cache-status"] == "HIT"
+
+
+def test_a_laned_hit_pipelined_before_a_long_request_leaves_no_keepalive_timer_on_it(
+    upstream: Upstream,
+) -> None:
+    """The lane arms the keep-alive timer as the end of an answer does; a request that
+    came in the same read then runs in ASGI, and must not be cut off by that timer."""
+    with lane_proxy(upstream, timeout_keep_alive=1) as (base, services):
+        path = memoised(base, services, upstream)
+        running = create(base)["id"]  # queued: a long-poll waits its whole 2 s
+        long_poll = get(f"/v1/videos/{running}", b"Prefer: wait=2\r\n")
+        with connect(base, timeout=10) as sock:
+            sock.sendall(get(path) + long_poll)
+            buffered = bytearray()
+            assert read_response(sock, buffered).header(b"x-cache-status") == b"HIT"
+            waited = read_response(sock, buffered)  # not a connection closed after 1 s
+    assert waited.status == 200 and waited.header(b"preference-applied") == b"wait=2"
