@@ -139,7 +139,8 @@ class HitMemo:
                 del slots[hk]
 
         block = wire_block(headers)
-        head = None if block is None else STATUS_LINE[entry.status] + block
+        status_line = STATUS_LINE.get(entry.status)
+        head = None if block is None or status_line is None else status_line + block
         ref = weakref.ref(entry, forget)
         route = HIT_ROUTES.index(route_template)
         slots[hk] = HotHit(key, ref, route, provider, headers, head)
