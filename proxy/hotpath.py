@@ -180,11 +180,11 @@ class HitMemo:
         return True
 
     def answer_wire(
-        self, hk: HotKey, headers: Headers, defaults: bytes, write: Callable[[bytes], object]
+        self, hk: HotKey, headers: Headers, defaults: Headers, write: Callable[[bytes], object]
     ) -> bool:
         """The protocol's door: write a memoised HIT as one HTTP/1.1 message (``defaults``
-        are uvicorn's default header lines, written first as its ``send`` does); False
-        when there is none, and nothing was written."""
+        are uvicorn's default headers, written first as its ``send`` does); False when
+        there is none, and nothing was written."""
         hot = self.slots.get(hk)
         if hot is None or hot.head is None:
             return False
@@ -197,7 +197,8 @@ class HitMemo:
         tail = b"age: %d\r\nx-request-id: %s\r\n\r\n" % (now - entry.stored_at, rid.encode())
         if defaults:  # the status line comes first, then uvicorn's defaults, then ours
             cut = hot.head.index(b"\r\n") + 2
-            message = b"".join((hot.head[:cut], defaults, hot.head[cut:], tail, entry.body))
+            lines = b"".join(name + b": " + value + b"\r\n" for name, value in defaults)
+            message = b"".join((hot.head[:cut], lines, hot.head[cut:], tail, entry.body))
         else:
             message = b"".join((hot.head, tail, entry.body))
         self._done(hot, started, rid)

@@ -170,9 +170,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         key = path_key(url, self.headers, self.lane.identity)
         if key is None:
             return False
-        defaults = b"".join(
-            name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
-        )
+        defaults = self.server_state.default_headers
         try:
             if not self.lane.answer_wire(key, self.headers, defaults, self.transport.write):
                 return False
